@@ -1,0 +1,667 @@
+//! Typed configuration of one Cohort node.
+//!
+//! A node's configuration is read in three layers, each overriding the one before:
+//!
+//! 1. a TOML file (`--config FILE`), whose unknown keys are rejected;
+//! 2. `COHORT_*` environment variables (the table in [`ENV_VARS`]);
+//! 3. command-line flags, handed in as [`Overrides`].
+//!
+//! With no file at all the defaults describe the embedded single node of `cohort up`:
+//! HTTP on `127.0.0.1:8080`, data under `./cohort-data`, and the built-in demo models.
+//! [`NodeConfig::validate`] reports every problem at once, each with its field path
+//! (`models[1].batching.max_batch_size: must be between 1 and 4096`).
+//!
+//! ```
+//! use cohort_config::{NodeConfig, Overrides};
+//! let cfg = NodeConfig::load(None, std::iter::empty(), &Overrides::default()).unwrap();
+//! assert_eq!(cfg.http_addr.to_string(), "127.0.0.1:8080");
+//! assert!(cfg.builtin_models);
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the configuration format this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Everything that can go wrong while loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// An environment variable could not be parsed.
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    /// The configuration parsed but breaks one or more rules.
+    #[error("invalid configuration:\n{}", list(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One broken rule, with the path of the field that breaks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Version of this file's format; only [`CONFIG_VERSION`] is accepted.
+    pub config_version: u32,
+    /// The node's name, shown in the API and the logs.
+    pub node_name: String,
+    /// Where the node keeps its files (generated models, later Raft and jobs).
+    pub data_dir: PathBuf,
+    /// The HTTP gateway's listen address.
+    pub http_addr: SocketAddr,
+    /// Serve the built-in demo models (`mlp`, `echo`) besides those in `models`.
+    pub builtin_models: bool,
+    /// Limits that protect the node.
+    pub limits: Limits,
+    /// The models this node serves.
+    pub models: Vec<ModelConfig>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            config_version: CONFIG_VERSION,
+            node_name: "cohort-1".into(),
+            data_dir: PathBuf::from("./cohort-data"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            builtin_models: true,
+            limits: Limits::default(),
+            models: Vec::new(),
+        }
+    }
+}
+
+/// Limits on requests and queues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Most items in one `/batch` request.
+    pub max_batch_items: usize,
+    /// Requests waiting in one replica's queue before it answers 503 OVERLOADED.
+    pub queue_capacity: usize,
+    /// Deadline of a request that gives no `timeout_ms`.
+    pub request_timeout_ms: u64,
+    /// Longest deadline a request may ask for.
+    pub max_request_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 8 * 1024 * 1024,
+            max_batch_items: 100,
+            queue_capacity: 1024,
+            request_timeout_ms: 30_000,
+            max_request_timeout_ms: 600_000,
+        }
+    }
+}
+
+/// Which engine runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// A multi-layer perceptron read from safetensors, run with candle.
+    CandleMlp,
+    /// Returns its input unchanged.
+    Echo,
+    /// Echoes after sleeping `options.sleep_ms`.
+    Sleep,
+    /// Echoes, but fails every `options.fail_every`-th call.
+    Fail,
+}
+
+impl EngineKind {
+    /// The name used in configuration files and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::CandleMlp => "candle-mlp",
+            EngineKind::Echo => "echo",
+            EngineKind::Sleep => "sleep",
+            EngineKind::Fail => "fail",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the `fail` test engine fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailMode {
+    /// The call returns an error.
+    #[default]
+    Error,
+    /// The call panics (the replica is restarted).
+    Panic,
+}
+
+/// One model served by this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients use (`/api/v1/models/{name}/infer`).
+    pub name: String,
+    /// The engine that runs it.
+    pub engine: EngineKind,
+    /// Model file; relative paths are read from the data dir.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The version reported to clients.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// How many replicas this node runs.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Where the replicas run; only `cpu` in this build.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Dynamic batching.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    /// Options of the test engines.
+    #[serde(default)]
+    pub options: EngineOptions,
+}
+
+fn default_version() -> String {
+    "1".into()
+}
+fn default_replicas() -> usize {
+    1
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+impl ModelConfig {
+    /// A model with default settings.
+    pub fn new(name: impl Into<String>, engine: EngineKind) -> Self {
+        ModelConfig {
+            name: name.into(),
+            engine,
+            path: None,
+            version: default_version(),
+            replicas: default_replicas(),
+            device: default_device(),
+            batching: BatchingConfig::default(),
+            options: EngineOptions::default(),
+        }
+    }
+
+    /// The model file's path, resolved against the data dir.
+    pub fn resolved_path(&self, data_dir: &Path) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                data_dir.join(p)
+            }
+        })
+    }
+}
+
+/// How a replica groups queued requests into one engine call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Most requests in one engine call (1 turns batching off).
+    pub max_batch_size: usize,
+    /// Longest wait for a batch to fill once its first request is queued, as Triton's
+    /// `max_queue_delay_microseconds`. 0: take what is queued and go.
+    pub max_queue_delay_us: u64,
+    /// After this long in the queue a request moves up one priority level, so that low
+    /// priority is never starved.
+    pub priority_aging_ms: u64,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch_size: 32,
+            max_queue_delay_us: 0,
+            priority_aging_ms: 100,
+        }
+    }
+}
+
+/// Options of the test engines; each engine reads the ones it needs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineOptions {
+    /// `sleep`: how long each call sleeps.
+    pub sleep_ms: Option<u64>,
+    /// `fail`: every Nth call fails.
+    pub fail_every: Option<u64>,
+    /// `fail`: an error or a panic.
+    pub fail_mode: FailMode,
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub node_name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// The environment variables a node reads, with the field each one sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("COHORT_NODE_NAME", "node_name"),
+    ("COHORT_DATA_DIR", "data_dir"),
+    ("COHORT_HTTP_ADDR", "http_addr"),
+    ("COHORT_BUILTIN_MODELS", "builtin_models"),
+    ("COHORT_MAX_BODY_BYTES", "limits.max_body_bytes"),
+    ("COHORT_MAX_BATCH_ITEMS", "limits.max_batch_items"),
+    ("COHORT_QUEUE_CAPACITY", "limits.queue_capacity"),
+    ("COHORT_REQUEST_TIMEOUT_MS", "limits.request_timeout_ms"),
+];
+
+impl NodeConfig {
+    /// Reads the file (if any), applies the environment and the flags, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::from_toml_str(&text, &path.display().to_string())?
+            }
+            None => NodeConfig::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.apply_overrides(overrides);
+        cfg.validate().map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (`origin` names it in errors). Does not validate.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<NodeConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies the `COHORT_*` variables of [`ENV_VARS`]; other variables are ignored.
+    pub fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (var, value) in env {
+            let Some((_, field)) = ENV_VARS.iter().find(|(name, _)| *name == var) else {
+                continue;
+            };
+            let bad = |message: String| ConfigError::Env {
+                var: var.clone(),
+                message,
+            };
+            let num = |v: &str| v.trim().parse::<u64>().map_err(|e| bad(e.to_string()));
+            match *field {
+                "node_name" => self.node_name = value.clone(),
+                "data_dir" => self.data_dir = PathBuf::from(&value),
+                "http_addr" => {
+                    self.http_addr = value.trim().parse().map_err(|e| {
+                        bad(format!("{e} (expected host:port, e.g. 127.0.0.1:8080)"))
+                    })?
+                }
+                "builtin_models" => {
+                    self.builtin_models = match value.trim() {
+                        "1" | "true" | "yes" | "on" => true,
+                        "0" | "false" | "no" | "off" => false,
+                        other => return Err(bad(format!("expected true or false, got {other:?}"))),
+                    }
+                }
+                "limits.max_body_bytes" => self.limits.max_body_bytes = num(&value)? as usize,
+                "limits.max_batch_items" => self.limits.max_batch_items = num(&value)? as usize,
+                "limits.queue_capacity" => self.limits.queue_capacity = num(&value)? as usize,
+                "limits.request_timeout_ms" => self.limits.request_timeout_ms = num(&value)?,
+                other => unreachable!("ENV_VARS names a field apply_env does not know: {other}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies command-line flags.
+    pub fn apply_overrides(&mut self, o: &Overrides) {
+        if let Some(v) = &o.node_name {
+            self.node_name = v.clone();
+        }
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = o.http_addr {
+            self.http_addr = v;
+        }
+    }
+
+    /// Checks every rule and returns every broken one.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let mut err = |path: String, message: &str| {
+            errs.push(FieldError {
+                path,
+                message: message.to_string(),
+            })
+        };
+        if self.config_version != CONFIG_VERSION {
+            err(
+                "config_version".into(),
+                &format!("this build reads version {CONFIG_VERSION}"),
+            );
+        }
+        if !valid_name(&self.node_name) {
+            err("node_name".into(), NAME_RULE);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            err("data_dir".into(), "must not be empty");
+        }
+        let l = &self.limits;
+        if !(1024..=1 << 30).contains(&l.max_body_bytes) {
+            err(
+                "limits.max_body_bytes".into(),
+                "must be between 1024 and 1073741824",
+            );
+        }
+        if !(1..=10_000).contains(&l.max_batch_items) {
+            err(
+                "limits.max_batch_items".into(),
+                "must be between 1 and 10000",
+            );
+        }
+        if !(1..=1_000_000).contains(&l.queue_capacity) {
+            err(
+                "limits.queue_capacity".into(),
+                "must be between 1 and 1000000",
+            );
+        }
+        if l.request_timeout_ms == 0 {
+            err("limits.request_timeout_ms".into(), "must be at least 1");
+        }
+        if l.max_request_timeout_ms < l.request_timeout_ms {
+            err(
+                "limits.max_request_timeout_ms".into(),
+                "must be at least limits.request_timeout_ms",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let p = |f: &str| format!("models[{i}].{f}");
+            if !valid_name(&m.name) {
+                err(p("name"), NAME_RULE);
+            } else if self.builtin_models && BUILTIN_MODEL_NAMES.contains(&m.name.as_str()) {
+                err(
+                    p("name"),
+                    "is a built-in model's name (set builtin_models = false to replace it)",
+                );
+            } else if !seen.insert(m.name.as_str()) {
+                err(p("name"), "is used by another model");
+            }
+            if m.version.is_empty() || m.version.len() > 64 {
+                err(p("version"), "must be 1 to 64 characters");
+            }
+            if m.replicas > 64 {
+                err(p("replicas"), "must be between 0 and 64");
+            }
+            if m.device != "cpu" {
+                err(p("device"), "only \"cpu\" is available in this build");
+            }
+            if !(1..=4096).contains(&m.batching.max_batch_size) {
+                err(p("batching.max_batch_size"), "must be between 1 and 4096");
+            }
+            if m.batching.max_queue_delay_us > 1_000_000 {
+                err(
+                    p("batching.max_queue_delay_us"),
+                    "must be at most 1000000 (1 s)",
+                );
+            }
+            if m.batching.priority_aging_ms == 0 {
+                err(p("batching.priority_aging_ms"), "must be at least 1");
+            }
+            match m.engine {
+                EngineKind::CandleMlp if m.path.is_none() => {
+                    err(p("path"), "is required by engine candle-mlp")
+                }
+                EngineKind::Sleep if m.options.sleep_ms.is_none() => {
+                    err(p("options.sleep_ms"), "is required by engine sleep")
+                }
+                EngineKind::Fail if !matches!(m.options.fail_every, Some(n) if n >= 1) => err(
+                    p("options.fail_every"),
+                    "is required by engine fail and must be at least 1",
+                ),
+                _ => {}
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// The models this node serves: the built-in ones (when enabled) then the configured ones.
+    pub fn all_models(&self) -> Vec<ModelConfig> {
+        let mut out = Vec::new();
+        if self.builtin_models {
+            out.extend(builtin_models());
+        }
+        out.extend(self.models.iter().cloned());
+        out
+    }
+}
+
+/// Names taken by the built-in models.
+pub const BUILTIN_MODEL_NAMES: &[&str] = &["mlp", "echo"];
+
+/// File name of the generated demo MLP inside the data dir.
+pub const BUILTIN_MLP_FILE: &str = "models/mlp.safetensors";
+
+/// The built-in demo models of `cohort up`.
+pub fn builtin_models() -> Vec<ModelConfig> {
+    let mut mlp = ModelConfig::new("mlp", EngineKind::CandleMlp);
+    mlp.path = Some(PathBuf::from(BUILTIN_MLP_FILE));
+    mlp.replicas = 2;
+    let echo = ModelConfig::new("echo", EngineKind::Echo);
+    vec![mlp, echo]
+}
+
+const NAME_RULE: &str =
+    "must be 1 to 64 characters of a-z, A-Z, 0-9, '-', '_' or '.', starting with a letter or digit";
+
+/// Whether `s` is a valid node or model name.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name)
+    }
+
+    fn load_fixture(name: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::load(
+            Some(&fixture(name)),
+            std::iter::empty(),
+            &Overrides::default(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_an_embedded_loopback_node() {
+        let cfg = NodeConfig::default();
+        assert!(cfg.validate().is_ok());
+        assert!(cfg.http_addr.ip().is_loopback());
+        let names: Vec<_> = cfg.all_models().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, vec!["mlp", "echo"]);
+    }
+
+    #[test]
+    fn good_fixture_loads() {
+        let cfg = load_fixture("good.toml").expect("good.toml loads");
+        assert_eq!(cfg.node_name, "box-a");
+        assert_eq!(cfg.http_addr.port(), 9090);
+        assert_eq!(cfg.limits.queue_capacity, 256);
+        assert_eq!(cfg.models.len(), 3);
+        assert_eq!(cfg.models[0].engine, EngineKind::CandleMlp);
+        assert_eq!(cfg.models[0].batching.max_batch_size, 64);
+        assert_eq!(cfg.models[0].batching.max_queue_delay_us, 500);
+        assert_eq!(cfg.models[1].options.sleep_ms, Some(20));
+        assert_eq!(cfg.models[2].options.fail_mode, FailMode::Panic);
+        assert_eq!(
+            cfg.models[0].resolved_path(Path::new("/data")),
+            Some(PathBuf::from("/data/models/big.safetensors"))
+        );
+    }
+
+    #[test]
+    fn minimal_fixture_takes_defaults() {
+        let cfg = load_fixture("minimal.toml").expect("minimal.toml loads");
+        assert_eq!(cfg.limits, Limits::default());
+        assert_eq!(cfg.models[0].replicas, 1);
+        assert_eq!(cfg.models[0].version, "1");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = load_fixture("bad_unknown_key.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{msg}");
+        assert!(msg.contains("max_batch"), "{msg}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_path() {
+        let err = load_fixture("bad_values.toml").unwrap_err();
+        let ConfigError::Invalid(errs) = err else {
+            panic!("expected Invalid, got {err}");
+        };
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "node_name",
+            "limits.queue_capacity",
+            "models[0].path",
+            "models[0].batching.max_batch_size",
+            "models[1].name",
+            "models[1].options.sleep_ms",
+            "models[2].name",
+            "models[2].options.fail_every",
+            "models[2].device",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error() {
+        let err = load_fixture("does-not-exist.toml").unwrap_err();
+        assert!(matches!(err, ConfigError::Io { .. }));
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let env = vec![
+            ("COHORT_HTTP_ADDR".to_string(), "127.0.0.1:7000".to_string()),
+            ("COHORT_NODE_NAME".to_string(), "from-env".to_string()),
+            ("COHORT_QUEUE_CAPACITY".to_string(), "12".to_string()),
+            ("COHORT_COOKIE".to_string(), "ignored".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let flags = Overrides {
+            http_addr: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let cfg = NodeConfig::load(Some(&fixture("good.toml")), env, &flags).unwrap();
+        assert_eq!(cfg.http_addr.port(), 7001, "flag beats env");
+        assert_eq!(cfg.node_name, "from-env", "env beats file");
+        assert_eq!(cfg.limits.queue_capacity, 12);
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let env = vec![("COHORT_HTTP_ADDR".to_string(), "nope".to_string())];
+        let err = NodeConfig::load(None, env, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("COHORT_HTTP_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn builtin_names_cannot_be_reused_unless_builtins_are_off() {
+        let mut cfg = NodeConfig::default();
+        cfg.models.push(ModelConfig::new("echo", EngineKind::Echo));
+        let errs = cfg.validate().unwrap_err();
+        assert_eq!(errs[0].path, "models[0].name");
+        cfg.builtin_models = false;
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("mlp"));
+        assert!(valid_name("bert-base_v2.1"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn roundtrips_through_toml() {
+        let mut cfg = NodeConfig::default();
+        cfg.models.push(ModelConfig::new("e2", EngineKind::Echo));
+        let text = toml::to_string(&cfg).unwrap();
+        let back = NodeConfig::from_toml_str(&text, "mem").unwrap();
+        assert_eq!(back, cfg);
+    }
+}

@@ -1,0 +1,268 @@
+//! Engines: the code that actually computes a model's outputs.
+//!
+//! Everything else in Cohort (queues, batching, routing, HTTP) is overhead around one call:
+//! [`Engine::infer`] on a batch. The trait is small and synchronous on purpose: each replica
+//! runs its engine on a dedicated OS thread (see `cohort-actors`), never on a tokio worker.
+//!
+//! A batch is a [`TensorMap`] whose tensors all have the batch's rows as their first
+//! dimension; the engine answers with outputs that have the same number of rows, in order.
+//!
+//! Backends in this crate:
+//! - [`mlp::CandleMlp`]: a multi-layer perceptron read from safetensors, run with candle;
+//!   [`mlp::write_demo_mlp`] writes the deterministic demo model of `cohort up`.
+//! - [`testing`]: `echo`, `sleep` and `fail` engines for tests and the chaos harness.
+//!
+//! ```
+//! use cohort_engines::{testing::Echo, Engine, Tensor, TensorData, TensorMap};
+//! let mut engine = Echo::new();
+//! let mut inputs = TensorMap::new();
+//! inputs.insert("x".into(), Tensor::new(vec![1, 2], TensorData::F32(vec![1.0, 2.0])).unwrap());
+//! let rows = engine.metadata().check_inputs(&inputs).unwrap();
+//! assert_eq!(rows, 1);
+//! let out = engine.infer(&inputs).unwrap();
+//! assert_eq!(out["y"].data, TensorData::F32(vec![1.0, 2.0]));
+//! ```
+
+pub mod mlp;
+pub mod tensor;
+pub mod testing;
+
+use std::path::Path;
+
+use cohort_config::{EngineKind, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+pub use tensor::{concat_maps, split_map, DType, ShapeError, Tensor, TensorData, TensorMap};
+
+/// What can go wrong in an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model could not be loaded.
+    #[error("cannot load model from {path}: {reason}")]
+    Load { path: String, reason: String },
+    /// The inputs do not match the model's metadata.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The computation failed.
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// The engine is not healthy.
+    #[error("engine unhealthy: {0}")]
+    Unhealthy(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Inference(e.to_string())
+    }
+}
+
+impl From<ShapeError> for EngineError {
+    fn from(e: ShapeError) -> Self {
+        EngineError::Inference(e.to_string())
+    }
+}
+
+/// A request's input that does not fit the model; `input` names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("input {input:?}: {reason}")]
+pub struct InputError {
+    /// The offending input's name.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// One input or output of a model. A dimension of `-1` is dynamic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    pub fn new(name: &str, dtype: DType, shape: &[i64]) -> Self {
+        TensorSpec {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// What a model takes and gives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl ModelMetadata {
+    /// Checks names, dtypes and shapes of a request's inputs, and returns its row count
+    /// (the first dimension, shared by every input).
+    pub fn check_inputs(&self, inputs: &TensorMap) -> Result<usize, InputError> {
+        let err = |input: &str, reason: String| InputError {
+            input: input.to_string(),
+            reason,
+        };
+        for name in inputs.keys() {
+            if !self.inputs.iter().any(|s| &s.name == name) {
+                let expected: Vec<_> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(err(
+                    name,
+                    format!("unknown input; the model takes {expected:?}"),
+                ));
+            }
+        }
+        let mut rows = None;
+        for spec in &self.inputs {
+            let t = inputs
+                .get(&spec.name)
+                .ok_or_else(|| err(&spec.name, "missing".into()))?;
+            if t.dtype() != spec.dtype {
+                return Err(err(
+                    &spec.name,
+                    format!("expected dtype {}, got {}", spec.dtype, t.dtype()),
+                ));
+            }
+            let shape_ok = t.shape.len() == spec.shape.len()
+                && t.shape
+                    .iter()
+                    .zip(&spec.shape)
+                    .all(|(&have, &want)| want < 0 || have as i64 == want);
+            if !shape_ok {
+                return Err(err(
+                    &spec.name,
+                    format!("expected shape {:?}, got {:?}", spec.shape, t.shape),
+                ));
+            }
+            let r = t.shape.first().copied().unwrap_or(1);
+            if r == 0 {
+                return Err(err(&spec.name, "has no rows".into()));
+            }
+            match rows {
+                None => rows = Some(r),
+                Some(prev) if prev != r => {
+                    return Err(err(
+                        &spec.name,
+                        format!("has {r} rows but other inputs have {prev}"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        rows.ok_or_else(|| err("", "the model takes no inputs".into()))
+    }
+}
+
+/// A loaded model. Runs on one OS thread; never shared between threads.
+pub trait Engine: Send + 'static {
+    /// The model's inputs and outputs.
+    fn metadata(&self) -> &ModelMetadata;
+
+    /// Runs a batch: every input's first dimension is the batch's rows; every output has
+    /// the same rows in the same order.
+    fn infer(&mut self, inputs: &TensorMap) -> Result<TensorMap, EngineError>;
+
+    /// Whether the engine can serve.
+    fn health(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// A rough estimate of the memory this engine holds, in bytes.
+    fn memory_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// Loads the engine a model's configuration names. Relative paths are read from `data_dir`.
+pub fn load_engine(model: &ModelConfig, data_dir: &Path) -> Result<Box<dyn Engine>, EngineError> {
+    let engine: Box<dyn Engine> = match model.engine {
+        EngineKind::CandleMlp => {
+            let path = model
+                .resolved_path(data_dir)
+                .ok_or_else(|| EngineError::Load {
+                    path: String::new(),
+                    reason: "engine candle-mlp needs a path".into(),
+                })?;
+            Box::new(mlp::CandleMlp::load(&path)?)
+        }
+        EngineKind::Echo => Box::new(testing::Echo::new()),
+        EngineKind::Sleep => Box::new(testing::Sleep::new(std::time::Duration::from_millis(
+            model.options.sleep_ms.unwrap_or(0),
+        ))),
+        EngineKind::Fail => Box::new(testing::Fail::new(
+            model.options.fail_every.unwrap_or(1),
+            model.options.fail_mode,
+        )),
+    };
+    Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ModelMetadata {
+        ModelMetadata {
+            inputs: vec![
+                TensorSpec::new("x", DType::F32, &[-1, 3]),
+                TensorSpec::new("ids", DType::I64, &[-1]),
+            ],
+            outputs: vec![TensorSpec::new("y", DType::F32, &[-1, 1])],
+        }
+    }
+
+    fn inputs(x_rows: usize, x_cols: usize, ids: usize) -> TensorMap {
+        let mut m = TensorMap::new();
+        m.insert(
+            "x".into(),
+            Tensor::new(
+                vec![x_rows, x_cols],
+                TensorData::F32(vec![0.0; x_rows * x_cols]),
+            )
+            .unwrap(),
+        );
+        m.insert(
+            "ids".into(),
+            Tensor::new(vec![ids], TensorData::I64(vec![0; ids])).unwrap(),
+        );
+        m
+    }
+
+    #[test]
+    fn good_inputs_give_rows() {
+        assert_eq!(meta().check_inputs(&inputs(2, 3, 2)), Ok(2));
+    }
+
+    #[test]
+    fn each_mistake_names_the_input() {
+        let e = meta().check_inputs(&inputs(2, 4, 2)).unwrap_err();
+        assert_eq!(e.input, "x");
+        assert!(e.reason.contains("shape"));
+
+        let e = meta().check_inputs(&inputs(2, 3, 3)).unwrap_err();
+        assert_eq!(e.input, "ids");
+        assert!(e.reason.contains("rows"));
+
+        let mut m = inputs(1, 3, 1);
+        m.insert(
+            "z".into(),
+            Tensor::new(vec![1], TensorData::F32(vec![0.0])).unwrap(),
+        );
+        assert_eq!(meta().check_inputs(&m).unwrap_err().input, "z");
+
+        let mut m = inputs(1, 3, 1);
+        m.remove("ids");
+        assert_eq!(meta().check_inputs(&m).unwrap_err().reason, "missing");
+
+        let mut m = inputs(1, 3, 1);
+        m.insert(
+            "ids".into(),
+            Tensor::new(vec![1], TensorData::F32(vec![0.0])).unwrap(),
+        );
+        let e = meta().check_inputs(&m).unwrap_err();
+        assert!(e.reason.contains("dtype"), "{e}");
+    }
+}
