@@ -1,1 +1,135 @@
-//! placeholder
+//! The actors of one Cohort node.
+//!
+//! ```text
+//! NodeSupervisor                 restarts children with backoff and a restart budget
+//! ├── Router                     publishes the routing table; handlers pick replicas from it
+//! ├── GatewayActor               the HTTP server (crate cohort-gateway)
+//! └── ModelInstance × N          one replica: bounded priority queue + engine on its own OS thread
+//! ```
+//!
+//! A request's path on one node: the gateway's handler checks the inputs against the
+//! model's metadata, [`RouterHandle::pick`] chooses a ready replica (power of two choices
+//! on outstanding requests), [`ReplicaShared::submit`] queues it (or answers OVERLOADED at
+//! once when the queue is full), the replica's engine thread takes it in a batch and
+//! answers through the request's reply port. No lock is held across an `.await`, and the
+//! engine never runs on a tokio worker.
+//!
+//! [`start`] brings a node up from its configuration; [`Node::shutdown`] stops it in order
+//! (the gateway stops accepting and finishes in-flight requests, replicas drain their
+//! queues).
+
+pub mod error;
+pub mod metrics;
+pub mod model_instance;
+pub mod queue;
+pub mod replica;
+pub mod router;
+pub mod supervisor;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_config::{EngineKind, NodeConfig};
+use ractor::{Actor, ActorRef};
+
+pub use error::{InferError, NodeError};
+pub use queue::Priority;
+pub use replica::{InferOutput, Pending, ReplicaShared, ReplicaState, ReplicaStatus};
+pub use router::{RouterHandle, RoutingTable};
+pub use supervisor::{
+    ActorNode, BoxFuture, GatewayFactory, NodeContext, NodeSupervisor, RestartPolicy,
+    SupervisorArgs, SupervisorMsg,
+};
+
+/// A running node.
+pub struct Node {
+    ctx: Arc<NodeContext>,
+    supervisor: ActorRef<SupervisorMsg>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+/// Writes the built-in demo MLP into the data dir if the node serves it and it is absent.
+pub fn prepare_builtin_models(config: &NodeConfig) -> Result<(), NodeError> {
+    if !config.builtin_models {
+        return Ok(());
+    }
+    for m in cohort_config::builtin_models() {
+        if m.engine != EngineKind::CandleMlp {
+            continue;
+        }
+        if let Some(path) = m.resolved_path(&config.data_dir) {
+            if !path.exists() {
+                cohort_engines::mlp::write_demo_mlp(
+                    &path,
+                    cohort_engines::mlp::DEMO_MLP_DIMS,
+                    cohort_engines::mlp::DEMO_MLP_SEED,
+                )?;
+                tracing::info!(path = %path.display(), "wrote the demo model mlp");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts a node: prepares the built-in models, then spawns the actor tree.
+pub async fn start(
+    config: NodeConfig,
+    gateway: Arc<dyn GatewayFactory>,
+    policy: RestartPolicy,
+) -> Result<Node, NodeError> {
+    prepare_builtin_models(&config)?;
+    let ctx = NodeContext::new(config);
+    let args = SupervisorArgs {
+        ctx: Arc::clone(&ctx),
+        gateway,
+        policy,
+    };
+    let (supervisor, join) = Actor::spawn(None, NodeSupervisor, args)
+        .await
+        .map_err(|e| NodeError::Spawn {
+            actor: "NodeSupervisor",
+            reason: e.to_string(),
+        })?;
+    Ok(Node {
+        ctx,
+        supervisor,
+        join,
+    })
+}
+
+impl Node {
+    /// What the node's parts share.
+    pub fn ctx(&self) -> &Arc<NodeContext> {
+        &self.ctx
+    }
+
+    /// The root of the actor tree.
+    pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {
+        &self.supervisor
+    }
+
+    /// Waits until every model that should run has a ready replica, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.ctx.router.snapshot().all_ready() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the node in order and waits until every actor has stopped.
+    pub async fn shutdown(self) {
+        let _ = ractor::call!(self.supervisor, SupervisorMsg::Shutdown);
+        let _ = self.join.await;
+    }
+
+    /// Waits until the node stops by itself (its supervisor gave up).
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.join).await;
+    }
+}

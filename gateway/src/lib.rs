@@ -1,1 +1,270 @@
-//! placeholder
+//! Cohort's HTTP gateway: the `GatewayActor` and the axum server it owns.
+//!
+//! Every node runs one gateway on one port. It serves Cohort's REST API under `/api/v1`
+//! (inference, models, health), `/healthz`, `/readyz` and `/metrics`. Every response
+//! carries `x-request-id` (the client's, when it sent one), and every error is the one
+//! envelope of [`error::ApiError`].
+//!
+//! Supervision: the [`GatewayActor`] binds the listener in `pre_start` and runs the server
+//! as a task it watches. If that task ends without being asked to, the actor fails and the
+//! NodeSupervisor restarts it on the same address. When the actor is stopped, the server
+//! stops accepting, finishes the requests in flight, and only then does the actor stop.
+
+pub mod error;
+mod health;
+mod inference;
+mod models;
+pub mod tensor_json;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cohort_actors::{BoxFuture, GatewayFactory, NodeContext, SupervisorMsg};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{ApiError, PendingError};
+
+/// The header that carries a request's id.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub ctx: Arc<NodeContext>,
+    pub supervisor: ActorRef<SupervisorMsg>,
+}
+
+/// The id of the request being served.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub Arc<str>);
+
+/// Builds the axum application.
+pub fn app(state: AppState) -> axum::Router {
+    let limit = state.ctx.config.limits.max_body_bytes;
+    axum::Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/api/v1/health/detailed", get(health::detailed))
+        .route("/api/v1/models", get(models::list))
+        .route("/api/v1/models/{model}", get(models::show))
+        .route("/api/v1/models/{model}/infer", post(inference::infer))
+        .route("/api/v1/models/{model}/batch", post(inference::batch))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!("{} {}", req.method(), req.uri().path()))
+}
+
+/// Gives each request an id (the client's `x-request-id` when it is sane), puts it on the
+/// response, and renders error envelopes with it.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id: Arc<str> = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .map(Arc::from)
+        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().simple().to_string()));
+    req.extensions_mut().insert(RequestId(Arc::clone(&id)));
+    let span = tracing::debug_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut res = tracing::Instrument::instrument(next.run(req), span).await;
+    let pending = res.extensions_mut().remove::<PendingError>().or_else(|| {
+        (res.status() == StatusCode::METHOD_NOT_ALLOWED)
+            .then_some(PendingError(ApiError::MethodNotAllowed))
+    });
+    if let Some(PendingError(err)) = pending {
+        let status = res.status();
+        let mut headers = std::mem::take(res.headers_mut());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        res = (status, json_response(&err.envelope(&id))).into_response();
+        res.headers_mut().extend(headers);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    res
+}
+
+/// A JSON response with status 200.
+pub(crate) fn json_response<T: Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            ApiError::InferenceFailed(format!("cannot encode the response: {e}")).into_response()
+        }
+    }
+}
+
+/// The body of a JSON request: checks the content type and maps body errors (too large,
+/// unreadable) to the envelope's codes.
+pub(crate) fn json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::InvalidInput {
+            message: format!(
+                "content-type must be application/json, got {:?}",
+                if ct.is_empty() { "nothing" } else { ct }
+            ),
+            details: Some(serde_json::json!({"header": "content-type"})),
+        });
+    }
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                message: "request body is too large".into(),
+                details: None,
+            }
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {rejection}"))
+        }
+    })
+}
+
+/// The GatewayActor: owns the axum server task.
+pub struct GatewayActor;
+
+/// What the GatewayActor starts with.
+pub struct GatewayArgs {
+    pub ctx: Arc<NodeContext>,
+    pub supervisor: ActorRef<SupervisorMsg>,
+}
+
+/// Messages to the GatewayActor.
+pub enum GatewayMsg {
+    /// The server task ended without being asked to.
+    ServerExited(String),
+}
+
+/// The GatewayActor's state.
+pub struct GatewayState {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long a stopping gateway waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Actor for GatewayActor {
+    type Msg = GatewayMsg;
+    type State = GatewayState;
+    type Arguments = GatewayArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: GatewayArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // On a restart, bind the port the node already announced.
+        let addr = args.ctx.http_addr().unwrap_or(args.ctx.config.http_addr);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot bind HTTP address {addr}: {e}"))?;
+        let addr = listener.local_addr()?;
+        args.ctx.set_http_addr(addr);
+        let app = app(AppState {
+            ctx: Arc::clone(&args.ctx),
+            supervisor: args.supervisor,
+        });
+        let (stop, mut stopped) = watch::channel(false);
+        let shutdown = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+            let reason = match serve.await {
+                Ok(()) => "server stopped".to_string(),
+                Err(e) => format!("server failed: {e}"),
+            };
+            let _ = myself.cast(GatewayMsg::ServerExited(reason));
+        });
+        tracing::info!(%addr, "gateway listening");
+        Ok(GatewayState {
+            addr,
+            stop,
+            server: Some(server),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GatewayMsg::ServerExited(reason) => {
+                state.server = None;
+                Err(format!("HTTP server on {} ended: {reason}", state.addr).into())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = state.stop.send(true);
+        if let Some(server) = state.server.take() {
+            if tokio::time::timeout(DRAIN_TIMEOUT, server).await.is_err() {
+                tracing::warn!("in-flight requests did not finish in time");
+            }
+        }
+        tracing::info!(addr = %state.addr, "gateway stopped");
+        Ok(())
+    }
+}
+
+/// Starts [`GatewayActor`]s for the NodeSupervisor.
+pub struct HttpGateway;
+
+impl GatewayFactory for HttpGateway {
+    fn spawn(
+        &self,
+        ctx: Arc<NodeContext>,
+        supervisor: ActorCell,
+    ) -> BoxFuture<Result<ActorCell, String>> {
+        Box::pin(async move {
+            let args = GatewayArgs {
+                ctx,
+                supervisor: ActorRef::from(supervisor.clone()),
+            };
+            Actor::spawn_linked(None, GatewayActor, args, supervisor)
+                .await
+                .map(|(actor, _)| actor.get_cell())
+                .map_err(|e| e.to_string())
+        })
+    }
+}

@@ -1,1 +1,169 @@
-fn main() {}
+//! The `cohort` binary.
+//!
+//! - `cohort up`: one node with the built-in demo models (`mlp`, `echo`), HTTP on
+//!   127.0.0.1:8080 by default. Stops cleanly on SIGINT or SIGTERM: it stops accepting,
+//!   finishes the requests in flight, and exits 0.
+//! - `cohort bench`: a closed-loop HTTP load generator (Cohort's perf_analyzer).
+//!
+//! This file is the binary's edge: it parses flags, sets up logging, and turns errors
+//! into messages (`anyhow` lives here and nowhere else).
+
+mod bench;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use cohort_config::{NodeConfig, Overrides};
+
+/// Cohort: an actor-based inference cluster.
+#[derive(Parser, Debug)]
+#[command(name = "cohort", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr. The level is set with RUST_LOG (default: info), e.g.
+    /// RUST_LOG=cohort=debug,info.
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true, env = "COHORT_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one node with the built-in demo models (mlp, echo) and any models in --config.
+    ///
+    /// Settings come from the config file, then COHORT_* environment variables
+    /// (COHORT_HTTP_ADDR, COHORT_DATA_DIR, COHORT_NODE_NAME, COHORT_QUEUE_CAPACITY,
+    /// COHORT_MAX_BODY_BYTES, COHORT_MAX_BATCH_ITEMS, COHORT_REQUEST_TIMEOUT_MS,
+    /// COHORT_BUILTIN_MODELS), then these flags; each layer overrides the one before.
+    Up(UpArgs),
+    /// Load a model of a running node with a closed-loop HTTP benchmark and report
+    /// requests/s and latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    /// HTTP listen address of the gateway [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// Directory for the node's files; the demo model is written to
+    /// <data-dir>/models/mlp.safetensors on first start [default: ./cohort-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (see docs/operations.md); unknown keys are rejected.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The node's name [default: cohort-1].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Check the configuration, print it as TOML, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cohort-worker")
+        .build()
+        .context("cannot start the tokio runtime")?;
+    match cli.command {
+        Command::Up(args) => runtime.block_on(up(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let overrides = Overrides {
+        node_name: args.name,
+        data_dir: args.data_dir,
+        http_addr: args.http_addr,
+    };
+    let config = NodeConfig::load(args.config.as_deref(), std::env::vars(), &overrides)?;
+    if args.check_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("cannot print the configuration")?
+        );
+        return Ok(());
+    }
+    let node = cohort_actors::start(
+        config,
+        Arc::new(cohort_gateway::HttpGateway),
+        cohort_actors::RestartPolicy::default(),
+    )
+    .await
+    .context("cannot start the node")?;
+    let addr = node
+        .ctx()
+        .http_addr()
+        .context("the gateway did not report its address")?;
+    let ready = node.wait_ready(Duration::from_secs(30)).await;
+    let url = format!("http://{addr}");
+    if ready {
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "ready");
+    } else {
+        tracing::warn!("not every model is ready; see {url}/api/v1/health/detailed");
+    }
+    println!("Cohort is serving on {url}");
+    println!("  models:  curl {url}/api/v1/models");
+    println!(
+        "  infer:   curl -s {url}/api/v1/models/echo/infer -H 'content-type: application/json' -d '{{\"inputs\": {{\"x\": [[1, 2, 3]]}}}}'"
+    );
+    println!("  bench:   cohort bench --url {url} --model mlp");
+    println!("Press Ctrl-C to stop.");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

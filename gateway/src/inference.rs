@@ -1,0 +1,353 @@
+//! `POST /api/v1/models/{model}/infer` and `POST /api/v1/models/{model}/batch`.
+//!
+//! A request is checked in the handler (JSON shape, names, dtypes and shapes against the
+//! model's metadata), queued on the replica the router picks, and awaited until its
+//! deadline. If the client goes away the awaiting future is dropped, the reply port
+//! closes, and the engine thread skips the request before it costs compute.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use cohort_actors::{InferError, InferOutput, Pending, Priority, ReplicaShared};
+use cohort_engines::TensorMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use crate::error::ApiError;
+use crate::tensor_json::{tensor_from_json, TensorMapJson};
+use crate::{json_body, AppState, RequestId};
+
+/// The body of an infer request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferBody {
+    /// Input name → nested array (or list of strings).
+    pub inputs: Map<String, Value>,
+    /// Engine parameters. Accepted for compatibility with clients that send them; no engine
+    /// of this build reads any.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub parameters: Option<Map<String, Value>>,
+    /// `high`, `normal` (default) or `low`.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Deadline in milliseconds (default: the node's `limits.request_timeout_ms`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The body of a batch request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    requests: Vec<Value>,
+    #[serde(default = "default_parallel")]
+    parallel: bool,
+}
+
+fn default_parallel() -> bool {
+    true
+}
+
+#[derive(Serialize)]
+struct Timing {
+    queue_us: u64,
+    compute_us: u64,
+    total_us: u64,
+}
+
+#[derive(Serialize)]
+struct InferResponse<'a> {
+    request_id: &'a str,
+    model: &'a str,
+    version: &'a str,
+    outputs: TensorMapJson<'a>,
+    timing: Timing,
+    replica: &'a str,
+    batch_size: usize,
+}
+
+/// A request queued on a replica, waiting for its answer.
+struct Queued {
+    replica: Arc<ReplicaShared>,
+    rx: oneshot::Receiver<Result<InferOutput, InferError>>,
+    deadline: tokio::time::Instant,
+    timeout_ms: u64,
+}
+
+/// Checks a request and queues it on a replica of `model`.
+fn submit(
+    state: &AppState,
+    model: &str,
+    body: InferBody,
+    request_id: &str,
+) -> Result<Queued, ApiError> {
+    let limits = &state.ctx.config.limits;
+    let timeout_ms = body.timeout_ms.unwrap_or(limits.request_timeout_ms);
+    if timeout_ms == 0 || timeout_ms > limits.max_request_timeout_ms {
+        return Err(ApiError::InvalidInput {
+            message: format!(
+                "timeout_ms must be between 1 and {}",
+                limits.max_request_timeout_ms
+            ),
+            details: Some(json!({"field": "timeout_ms"})),
+        });
+    }
+    let priority = match body.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => Priority::parse(p).ok_or_else(|| ApiError::InvalidInput {
+            message: format!("priority must be high, normal or low, not {p:?}"),
+            details: Some(json!({"field": "priority"})),
+        })?,
+    };
+    let replica = state.ctx.router.pick(model)?;
+    let meta = replica
+        .metadata()
+        .ok_or_else(|| ApiError::NoReplica(format!("model {model:?} has not finished loading")))?;
+    let mut inputs = TensorMap::new();
+    for (name, value) in &body.inputs {
+        let spec = meta
+            .inputs
+            .iter()
+            .find(|s| &s.name == name)
+            .ok_or_else(|| {
+                let expected: Vec<&str> = meta.inputs.iter().map(|s| s.name.as_str()).collect();
+                InferError::InvalidInput(cohort_engines::InputError {
+                    input: name.clone(),
+                    reason: format!("unknown input; the model takes {expected:?}"),
+                })
+            })?;
+        let t = tensor_from_json(spec, value).map_err(InferError::InvalidInput)?;
+        inputs.insert(name.clone(), t);
+    }
+    let rows = meta
+        .check_inputs(&inputs)
+        .map_err(InferError::InvalidInput)?;
+
+    let (tx, rx) = oneshot::channel();
+    let now = Instant::now();
+    let timeout = Duration::from_millis(timeout_ms);
+    let pending = Pending {
+        request_id: request_id.to_string(),
+        inputs,
+        rows,
+        priority,
+        enqueued: now,
+        deadline: now + timeout,
+        timeout_ms,
+        reply: tx.into(),
+        span: tracing::Span::current(),
+    };
+    replica
+        .submit(pending)
+        .map_err(|(e, _)| ApiError::from(e))?;
+    Ok(Queued {
+        replica,
+        rx,
+        deadline: tokio::time::Instant::from_std(now + timeout),
+        timeout_ms,
+    })
+}
+
+/// Waits for a queued request's answer until its deadline.
+async fn answer(q: Queued) -> Result<InferOutput, ApiError> {
+    match tokio::time::timeout_at(q.deadline, q.rx).await {
+        Ok(Ok(result)) => result.map_err(ApiError::from),
+        Ok(Err(_closed)) => Err(ApiError::InferenceFailed(format!(
+            "replica {} stopped before answering",
+            q.replica.id
+        ))),
+        Err(_elapsed) => Err(InferError::Timeout {
+            timeout_ms: q.timeout_ms,
+        }
+        .into()),
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidInput {
+        message: format!("malformed JSON body: {e}"),
+        details: Some(json!({"line": e.line(), "column": e.column()})),
+    })
+}
+
+fn record(state: &AppState, model: &str, endpoint: &str, status: StatusCode, started: Instant) {
+    let m = &state.ctx.metrics;
+    m.requests
+        .with_label_values(&[model, endpoint, status.as_str()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[model, endpoint])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// `POST /api/v1/models/{model}/infer`
+pub async fn infer(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let body = json_body(&headers, body)?;
+        let parsed: InferBody = parse_body(&body)?;
+        let queued = submit(&state, &model, parsed, &rid.0)?;
+        answer(queued).await
+    }
+    .await;
+    let (status, response) = match result {
+        Ok(out) => {
+            let version = state
+                .ctx
+                .router
+                .snapshot()
+                .get(&model)
+                .map(|r| r.config.version.clone())
+                .unwrap_or_default();
+            let body = InferResponse {
+                request_id: &rid.0,
+                model: &model,
+                version: &version,
+                outputs: TensorMapJson(&out.outputs),
+                timing: Timing {
+                    queue_us: out.queue_us,
+                    compute_us: out.compute_us,
+                    total_us: started.elapsed().as_micros() as u64,
+                },
+                replica: &out.replica,
+                batch_size: out.batch_size,
+            };
+            (StatusCode::OK, crate::json_response(&body))
+        }
+        Err(e) => (e.status(), e.into_response()),
+    };
+    record(&state, &model, "infer", status, started);
+    response
+}
+
+/// `POST /api/v1/models/{model}/batch`
+pub async fn batch(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = run_batch(&state, &rid, &model, &headers, body).await;
+    let (status, response) = match result {
+        Ok(v) => (StatusCode::OK, crate::json_response(&v)),
+        Err(e) => (e.status(), e.into_response()),
+    };
+    record(&state, &model, "batch", status, started);
+    response
+}
+
+async fn run_batch(
+    state: &AppState,
+    rid: &RequestId,
+    model: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Value, ApiError> {
+    let body = json_body(headers, body)?;
+    let parsed: BatchBody = parse_body(&body)?;
+    let max = state.ctx.config.limits.max_batch_items;
+    if parsed.requests.len() > max {
+        return Err(ApiError::PayloadTooLarge {
+            message: format!(
+                "a batch holds at most {max} requests, this one has {}",
+                parsed.requests.len()
+            ),
+            details: Some(json!({"max_items": max, "items": parsed.requests.len()})),
+        });
+    }
+    if parsed.requests.is_empty() {
+        return Err(ApiError::invalid("a batch needs at least one request"));
+    }
+    if state.ctx.router.snapshot().get(model).is_none() {
+        return Err(ApiError::ModelNotFound(model.to_string()));
+    }
+    let total = parsed.requests.len();
+    let item_id = |i: usize| format!("{}.{i}", rid.0);
+    let submit_item = |i: usize, v: Value| -> Result<Queued, ApiError> {
+        let body: InferBody = serde_json::from_value(v)
+            .map_err(|e| ApiError::invalid(format!("request {i}: {e}")))?;
+        submit(state, model, body, &item_id(i))
+    };
+    let mut results: Vec<Result<InferOutput, ApiError>> = Vec::with_capacity(total);
+    if parsed.parallel {
+        // Queue every item first so that they can share engine calls, then collect.
+        let queued: Vec<Result<Queued, ApiError>> = parsed
+            .requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| submit_item(i, v))
+            .collect();
+        for q in queued {
+            results.push(match q {
+                Ok(q) => answer(q).await,
+                Err(e) => Err(e),
+            });
+        }
+    } else {
+        for (i, v) in parsed.requests.into_iter().enumerate() {
+            let r = match submit_item(i, v) {
+                Ok(q) => answer(q).await,
+                Err(e) => Err(e),
+            };
+            results.push(r);
+        }
+    }
+    let succeeded = results.iter().filter(|r| r.is_ok()).count();
+    let items: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| match r {
+            Ok(out) => json!({
+                "index": index,
+                "ok": true,
+                "outputs": TensorMapJson(&out.outputs),
+                "replica": out.replica,
+                "timing": {"queue_us": out.queue_us, "compute_us": out.compute_us},
+            }),
+            Err(e) => json!({"index": index, "ok": false, "error": e.item_json()}),
+        })
+        .collect();
+    Ok(json!({
+        "request_id": &*rid.0,
+        "model": model,
+        "summary": {"total": total, "succeeded": succeeded, "failed": total - succeeded},
+        "results": items,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = parse_body::<InferBody>(br#"{"inputs": {}, "timeout": 5}"#).unwrap_err();
+        assert_eq!(e.code(), "INVALID_INPUT");
+        let b: InferBody =
+            parse_body(br#"{"inputs": {"x": [[1]]}, "priority": "low", "timeout_ms": 10}"#)
+                .unwrap();
+        assert_eq!(b.priority.as_deref(), Some("low"));
+        assert_eq!(b.timeout_ms, Some(10));
+    }
+
+    #[test]
+    fn batch_body_defaults_to_parallel() {
+        let b: BatchBody = parse_body(br#"{"requests": []}"#).unwrap();
+        assert!(b.parallel);
+    }
+}

@@ -1,0 +1,1063 @@
+//! `cohort bench`: Cohort's closed-loop HTTP load generator.
+//!
+//! `--concurrency` workers each hold one keep-alive HTTP/1.1 connection
+//! and send the next request as soon as the previous response has been
+//! read in full (closed loop). Nothing is recorded during the warmup.
+//! After that, latencies of successful (2xx) responses go into HDR
+//! histograms, and everything else is counted as an error, keyed by status
+//! code or `io` for a connection failure. The run stops by itself at the
+//! deadline; a request still in flight then is dropped and not counted.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context as _};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+
+/// Closed-loop HTTP load test against one model of a running Cohort node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Base URL of the node to load (plain http only, no TLS). A path in it,
+    /// e.g. http://host:8080/prefix, is put in front of every request path.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// Name of the model to send requests to.
+    #[arg(long, value_name = "NAME")]
+    pub model: String,
+
+    /// Number of concurrent closed-loop workers, each on its own keep-alive
+    /// HTTP/1.1 connection and with at most one request in flight.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+
+    /// How long to measure, after the warmup (e.g. 10s, 500ms, 1m).
+    #[arg(long, value_name = "DURATION", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// How long to send requests before measuring; requests completed during
+    /// the warmup are not recorded (e.g. 1s, 0s).
+    #[arg(long, value_name = "DURATION", default_value = "1s",
+          value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// File with the JSON request body to send, as is. Without it, a valid
+    /// random request is built from the model's metadata
+    /// (GET /api/v1/models/{model}).
+    #[arg(long, value_name = "FILE")]
+    pub body: Option<PathBuf>,
+
+    /// Request path to POST to, instead of /api/v1/models/{model}/infer.
+    /// Must start with '/'; "{model}" in it is replaced by the model name,
+    /// and the base path of --url is put in front of it.
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<String>,
+
+    /// Print exactly one JSON object with the results instead of a readable
+    /// report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `cohort bench`: builds the request body, runs the load and prints the
+/// report on stdout (progress notes go to stderr, and none with --json).
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let base = BaseUrl::parse(&args.url)?;
+    let body = match &args.body {
+        Some(file) => {
+            let raw = std::fs::read(file)
+                .with_context(|| format!("cannot read request body {}", file.display()))?;
+            serde_json::from_slice::<Value>(&raw)
+                .with_context(|| format!("request body {} is not valid JSON", file.display()))?;
+            Bytes::from(raw)
+        }
+        None => {
+            let metadata = fetch_metadata(&base, &args.model).await?;
+            let request =
+                build_request_body(&metadata, &mut fastrand::Rng::new()).with_context(|| {
+                    format!(
+                        "cannot build a request for model {:?} from its metadata; \
+                         pass one with --body",
+                        args.model
+                    )
+                })?;
+            Bytes::from(serde_json::to_vec(&request)?)
+        }
+    };
+    let path = request_path(&args.model, args.path.as_deref())?;
+    let target = Target::new(base, &path)?;
+    let concurrency = usize::try_from(args.concurrency)?;
+
+    if !args.json {
+        eprintln!(
+            "cohort bench: POST {} ({} byte body), {} connections, warmup {}, measuring {}",
+            target.url(),
+            body.len(),
+            concurrency,
+            humantime::format_duration(args.warmup),
+            humantime::format_duration(args.duration),
+        );
+    }
+    let report = load(&target, body, concurrency, args.warmup, args.duration).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// URLs
+
+/// Where the node is: parsed from `--url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BaseUrl {
+    /// Host to connect to (IPv6 without brackets).
+    host: String,
+    port: u16,
+    /// Value of the `Host` header.
+    host_header: String,
+    /// Path prefix without a trailing '/'; empty for none.
+    base_path: String,
+}
+
+impl BaseUrl {
+    fn parse(url: &str) -> anyhow::Result<Self> {
+        let uri: Uri = url
+            .trim()
+            .parse()
+            .with_context(|| format!("invalid --url {url:?}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => bail!(
+                "--url {url:?}: https is not supported, cohort bench speaks plain http only \
+                 (use http://)"
+            ),
+            Some(other) => bail!("--url {url:?}: unsupported scheme {other:?}, use http://"),
+            None => bail!("--url {url:?} has no scheme, use http://host:port"),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| anyhow!("--url {url:?} has no host"))?;
+        ensure!(
+            !authority.as_str().contains('@'),
+            "--url {url:?}: user info is not supported"
+        );
+        ensure!(uri.query().is_none(), "--url {url:?} must not have a query");
+        let host_in_url = authority.host();
+        ensure!(!host_in_url.is_empty(), "--url {url:?} has no host");
+        let host = host_in_url
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(80);
+        let host_header = match authority.port_u16() {
+            Some(port) => format!("{host_in_url}:{port}"),
+            None => host_in_url.to_string(),
+        };
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(Self {
+            host,
+            port,
+            host_header,
+            base_path,
+        })
+    }
+
+    /// `path` (starting with '/') under the base path, as a request URI.
+    fn uri(&self, path: &str) -> anyhow::Result<Uri> {
+        let full = format!("{}{}", self.base_path, path);
+        full.parse()
+            .with_context(|| format!("invalid request path {full:?}"))
+    }
+}
+
+/// The request path below the base URL for `model`, honouring `--path`.
+fn request_path(model: &str, path_override: Option<&str>) -> anyhow::Result<String> {
+    let model = encode_path_segment(model);
+    match path_override {
+        None => Ok(format!("/api/v1/models/{model}/infer")),
+        Some(path) => {
+            ensure!(path.starts_with('/'), "--path {path:?} must start with '/'");
+            Ok(path.replace("{model}", &model))
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn encode_path_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// What the load is sent to: a node and the request URI on it.
+#[derive(Debug, Clone)]
+struct Target {
+    base: BaseUrl,
+    uri: Uri,
+    host_header: HeaderValue,
+}
+
+impl Target {
+    fn new(base: BaseUrl, path: &str) -> anyhow::Result<Self> {
+        let uri = base.uri(path)?;
+        let host_header = HeaderValue::from_str(&base.host_header)
+            .with_context(|| format!("invalid host {:?}", base.host_header))?;
+        Ok(Self {
+            base,
+            uri,
+            host_header,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}{}", self.base.host_header, self.uri)
+    }
+
+    fn post(&self, body: Bytes) -> anyhow::Result<Request<Full<Bytes>>> {
+        Ok(Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(HOST, self.host_header.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, HeaderValue::from_static("cohort-bench"))
+            .body(Full::new(body))?)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+
+/// One HTTP/1.1 client connection; its driver task ends with it.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Connection {
+    async fn open(base: &BaseUrl) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect((base.host.as_str(), base.port))
+            .await
+            .with_context(|| format!("cannot connect to {}:{}", base.host, base.port))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP/1.1 handshake failed")?;
+        let driver = tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "bench connection ended with an error");
+            }
+        });
+        Ok(Self { sender, driver })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed() || self.driver.is_finished()
+    }
+
+    /// Sends `request` and reads the whole response. Returns the status, the
+    /// response body, whether the connection may be reused, and the latency
+    /// from sending to the end of the body.
+    async fn roundtrip(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> anyhow::Result<(StatusCode, Bytes, bool, Duration)> {
+        self.sender.ready().await?;
+        let started = Instant::now();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let keep_alive = !response
+            .headers()
+            .get(CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body, keep_alive, started.elapsed()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Model metadata and random requests
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET {base}/api/v1/models/{model}`; anything but 200 is an error that
+/// carries the status and the body.
+async fn fetch_metadata(base: &BaseUrl, model: &str) -> anyhow::Result<Value> {
+    let path = format!("/api/v1/models/{}", encode_path_segment(model));
+    let uri = base.uri(&path)?;
+    let url = format!("http://{}{}", base.host_header, uri);
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .header(HOST, HeaderValue::from_str(&base.host_header)?)
+        .header(USER_AGENT, HeaderValue::from_static("cohort-bench"))
+        .body(Full::new(Bytes::new()))?;
+    let (status, body, _, _) = timeout(METADATA_TIMEOUT, async {
+        let mut conn = Connection::open(base).await?;
+        conn.roundtrip(request).await
+    })
+    .await
+    .map_err(|_| anyhow!("GET {url}: no response within {METADATA_TIMEOUT:?}"))?
+    .with_context(|| format!("GET {url} failed"))?;
+    if status != StatusCode::OK {
+        const MAX_SHOWN: usize = 2000;
+        let text = String::from_utf8_lossy(&body);
+        let shown: String = text.chars().take(MAX_SHOWN).collect();
+        bail!(
+            "cannot get metadata of model {model:?}: GET {url} returned {status}: {}",
+            shown.trim()
+        );
+    }
+    serde_json::from_slice(&body).with_context(|| format!("GET {url}: response is not valid JSON"))
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelMetadata {
+    inputs: Vec<TensorSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TensorSpec {
+    name: String,
+    dtype: String,
+    shape: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dtype {
+    Float,
+    Int,
+    Bool,
+    Str,
+}
+
+impl Dtype {
+    fn parse(dtype: &str) -> anyhow::Result<Self> {
+        Ok(match dtype {
+            "f32" | "f64" => Self::Float,
+            "i64" | "i32" | "u8" => Self::Int,
+            "bool" => Self::Bool,
+            "string" => Self::Str,
+            other => bail!("unsupported dtype {other:?}"),
+        })
+    }
+}
+
+/// Largest number of elements in a generated request.
+const MAX_GENERATED_ELEMENTS: usize = 1 << 24;
+
+const SENTENCES: &[&str] = &[
+    "the quick brown fox jumps over the lazy dog",
+    "hello world",
+    "a small step for a model",
+    "cohort serves models over http",
+    "the rain in spain stays mainly in the plain",
+];
+
+/// Builds `{"inputs": {name: nested arrays}}` from model metadata: the first
+/// dimension -1 becomes 1, any other -1 becomes 8; floats are uniform in
+/// [-1, 1], integers in 0..100.
+fn build_request_body(metadata: &Value, rng: &mut fastrand::Rng) -> anyhow::Result<Value> {
+    let metadata = ModelMetadata::deserialize(metadata).context("unexpected model metadata")?;
+    let mut inputs = serde_json::Map::new();
+    for input in &metadata.inputs {
+        let dtype =
+            Dtype::parse(&input.dtype).with_context(|| format!("input {:?}", input.name))?;
+        let shape =
+            concrete_shape(&input.shape).with_context(|| format!("input {:?}", input.name))?;
+        inputs.insert(input.name.clone(), random_tensor(&shape, dtype, rng));
+    }
+    let mut body = serde_json::Map::new();
+    body.insert("inputs".to_string(), Value::Object(inputs));
+    Ok(Value::Object(body))
+}
+
+fn concrete_shape(shape: &[i64]) -> anyhow::Result<Vec<usize>> {
+    let mut dims = Vec::with_capacity(shape.len());
+    let mut elements: usize = 1;
+    for (i, &dim) in shape.iter().enumerate() {
+        let dim = match dim {
+            -1 if i == 0 => 1,
+            -1 => 8,
+            d => usize::try_from(d).map_err(|_| anyhow!("invalid dimension {d} in {shape:?}"))?,
+        };
+        elements = elements
+            .checked_mul(dim)
+            .filter(|&n| n <= MAX_GENERATED_ELEMENTS)
+            .ok_or_else(|| anyhow!("shape {shape:?} is too large to generate"))?;
+        dims.push(dim);
+    }
+    Ok(dims)
+}
+
+fn random_tensor(shape: &[usize], dtype: Dtype, rng: &mut fastrand::Rng) -> Value {
+    match shape.split_first() {
+        None => random_scalar(dtype, rng),
+        Some((&n, rest)) => Value::Array((0..n).map(|_| random_tensor(rest, dtype, rng)).collect()),
+    }
+}
+
+fn random_scalar(dtype: Dtype, rng: &mut fastrand::Rng) -> Value {
+    match dtype {
+        // Six decimals keep the JSON short and are exact enough for f32.
+        Dtype::Float => Value::from(((rng.f64() * 2.0 - 1.0) * 1e6).round() / 1e6),
+        Dtype::Int => Value::from(rng.u8(0..100)),
+        Dtype::Bool => Value::from(rng.bool()),
+        Dtype::Str => Value::from(SENTENCES[rng.usize(..SENTENCES.len())]),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load
+
+/// A worker stops after this many connection failures in a row.
+const MAX_CONSECUTIVE_FAILURES: u32 = 100;
+/// Pause after a failed connect before the next try.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
+const LATENCY_MIN_US: u64 = 1;
+const LATENCY_MAX_US: u64 = 60_000_000;
+
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(LATENCY_MIN_US, LATENCY_MAX_US, 3)
+        .map_err(|e| anyhow!("cannot create latency histogram: {e:?}"))
+}
+
+/// Results of a run.
+#[derive(Debug, Clone)]
+struct Report {
+    /// Latencies of the 2xx responses, in microseconds.
+    latency: Histogram<u64>,
+    ok: u64,
+    /// Failed requests by status code, or "io".
+    errors: BTreeMap<String, u64>,
+    concurrency: usize,
+    /// Length of the measured window.
+    duration: Duration,
+}
+
+impl Report {
+    fn empty(concurrency: usize, duration: Duration) -> anyhow::Result<Self> {
+        Ok(Self {
+            latency: new_histogram()?,
+            ok: 0,
+            errors: BTreeMap::new(),
+            concurrency,
+            duration,
+        })
+    }
+
+    fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    fn requests_per_second(&self) -> f64 {
+        let secs = self.duration.as_secs_f64();
+        if secs > 0.0 {
+            (self.ok + self.error_count()) as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Latency percentiles in µs: p50, p90, p99, p99.9, max (all 0 when there
+    /// was no successful response).
+    fn percentiles(&self) -> [(&'static str, u64); 5] {
+        let h = &self.latency;
+        [
+            ("p50", h.value_at_quantile(0.50)),
+            ("p90", h.value_at_quantile(0.90)),
+            ("p99", h.value_at_quantile(0.99)),
+            ("p999", h.value_at_quantile(0.999)),
+            ("max", h.max()),
+        ]
+    }
+
+    fn to_json(&self) -> Value {
+        let latency: serde_json::Map<String, Value> = self
+            .percentiles()
+            .iter()
+            .map(|&(name, us)| (name.to_string(), Value::from(us)))
+            .collect();
+        serde_json::json!({
+            "requests_per_second": self.requests_per_second(),
+            "latency_us": latency,
+            "ok": self.ok,
+            "errors": self.errors,
+            "concurrency": self.concurrency,
+            "duration_s": self.duration.as_secs_f64(),
+        })
+    }
+
+    fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "requests/s:  {:.1}  ({} requests in {:.3} s, {} connections)",
+            self.requests_per_second(),
+            self.ok + self.error_count(),
+            self.duration.as_secs_f64(),
+            self.concurrency
+        );
+        if self.latency.is_empty() {
+            let _ = writeln!(out, "latency:     n/a (no successful responses)");
+        } else {
+            let _ = write!(out, "latency:    ");
+            for (name, us) in self.percentiles() {
+                let name = if name == "p999" { "p99.9" } else { name };
+                let _ = write!(out, " {name} {:.3} ms", us as f64 / 1000.0);
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out, "ok:          {}", self.ok);
+        if self.errors.is_empty() {
+            let _ = writeln!(out, "errors:      0");
+        } else {
+            let by_kind: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "errors:      {} ({})",
+                self.error_count(),
+                by_kind.join(", ")
+            );
+        }
+        out
+    }
+}
+
+/// What one worker saw, plus why it stopped early, if it did.
+struct WorkerResult {
+    report: Report,
+    gave_up: Option<String>,
+}
+
+/// Runs `concurrency` closed-loop workers POSTing `body` to `target` for
+/// `warmup + duration`; only responses completed after the warmup count.
+async fn load(
+    target: &Target,
+    body: Bytes,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Report> {
+    ensure!(concurrency > 0, "concurrency must be at least 1");
+    ensure!(!duration.is_zero(), "duration must be more than 0");
+    // Fail now rather than in every worker.
+    target.post(body.clone())?;
+
+    let target = Arc::new(target.clone());
+    let measure_start = Instant::now() + warmup;
+    let deadline = measure_start + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            tokio::spawn(worker(
+                Arc::clone(&target),
+                body.clone(),
+                concurrency,
+                measure_start,
+                deadline,
+            ))
+        })
+        .collect();
+
+    let mut report = Report::empty(concurrency, duration)?;
+    let mut gave_up = Vec::new();
+    for handle in workers {
+        let result = handle.await.context("bench worker failed")??;
+        report
+            .latency
+            .add(&result.report.latency)
+            .map_err(|e| anyhow!("cannot merge latency histograms: {e:?}"))?;
+        report.ok += result.report.ok;
+        for (kind, n) in result.report.errors {
+            *report.errors.entry(kind).or_default() += n;
+        }
+        gave_up.extend(result.gave_up);
+    }
+    if let Some(reason) = gave_up.first() {
+        if gave_up.len() == concurrency && report.ok == 0 {
+            bail!(
+                "all {concurrency} workers gave up after {MAX_CONSECUTIVE_FAILURES} \
+                 connection failures in a row against {}: {reason}",
+                target.url()
+            );
+        }
+        tracing::warn!(
+            workers = gave_up.len(),
+            %reason,
+            "bench workers stopped early after {MAX_CONSECUTIVE_FAILURES} connection failures in a row"
+        );
+    }
+    Ok(report)
+}
+
+async fn worker(
+    target: Arc<Target>,
+    body: Bytes,
+    concurrency: usize,
+    measure_start: Instant,
+    deadline: Instant,
+) -> anyhow::Result<WorkerResult> {
+    let mut report = Report::empty(concurrency, deadline - measure_start)?;
+    let mut failures: u32 = 0;
+    let mut conn: Option<Connection> = None;
+    let mut gave_up = None;
+
+    while Instant::now() < deadline {
+        if conn.as_ref().is_none_or(Connection::is_closed) {
+            conn = None;
+            match timeout_at(deadline, Connection::open(&target.base)).await {
+                Err(_) => break,
+                Ok(Ok(new)) => conn = Some(new),
+                Ok(Err(error)) => {
+                    if Instant::now() >= measure_start {
+                        *report.errors.entry("io".to_string()).or_default() += 1;
+                    }
+                    failures += 1;
+                    if failures >= MAX_CONSECUTIVE_FAILURES {
+                        gave_up = Some(format!("{error:#}"));
+                        break;
+                    }
+                    tracing::debug!(error = format!("{error:#}"), "bench connect failed");
+                    sleep_until((Instant::now() + RECONNECT_BACKOFF).min(deadline)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+
+        let request = target.post(body.clone())?;
+        let outcome = timeout_at(deadline, c.roundtrip(request)).await;
+        let measuring = Instant::now() >= measure_start;
+        match outcome {
+            // The deadline: the request in flight is not counted.
+            Err(_) => break,
+            Ok(Ok((status, _, keep_alive, latency))) => {
+                failures = 0;
+                if measuring {
+                    if status.is_success() {
+                        report.ok += 1;
+                        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                        report.latency.saturating_record(us.max(LATENCY_MIN_US));
+                    } else {
+                        *report
+                            .errors
+                            .entry(status.as_u16().to_string())
+                            .or_default() += 1;
+                    }
+                }
+                if !keep_alive {
+                    conn = None;
+                }
+            }
+            Ok(Err(error)) => {
+                conn = None;
+                if measuring {
+                    *report.errors.entry("io".to_string()).or_default() += 1;
+                }
+                failures += 1;
+                if failures >= MAX_CONSECUTIVE_FAILURES {
+                    gave_up = Some(format!("{error:#}"));
+                    break;
+                }
+                tracing::debug!(error = format!("{error:#}"), "bench request failed");
+            }
+        }
+    }
+    Ok(WorkerResult { report, gave_up })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn shape_of(value: &Value) -> Vec<usize> {
+        let mut shape = Vec::new();
+        let mut v = value;
+        while let Value::Array(items) = v {
+            shape.push(items.len());
+            match items.first() {
+                Some(first) => v = first,
+                None => break,
+            }
+        }
+        shape
+    }
+
+    fn leaves(value: &Value) -> Vec<&Value> {
+        match value {
+            Value::Array(items) => items.iter().flat_map(leaves).collect(),
+            other => vec![other],
+        }
+    }
+
+    #[test]
+    fn builds_request_from_metadata() {
+        let metadata = serde_json::json!({
+            "name": "mlp", "version": "1", "engine": "candle-mlp",
+            "inputs": [
+                {"name": "x", "dtype": "f32", "shape": [-1, 64]},
+                {"name": "ids", "dtype": "i64", "shape": [-1, -1]},
+                {"name": "mask", "dtype": "bool", "shape": [2, -1, 3]},
+                {"name": "text", "dtype": "string", "shape": [-1]},
+                {"name": "scale", "dtype": "f64", "shape": []},
+                {"name": "pixels", "dtype": "u8", "shape": [1, 4]},
+                {"name": "n", "dtype": "i32", "shape": [3]}
+            ],
+            "outputs": [{"name": "y", "dtype": "f32", "shape": [-1, 10]}]
+        });
+        let body = build_request_body(&metadata, &mut fastrand::Rng::with_seed(7))
+            .expect("valid metadata");
+        let inputs = body["inputs"].as_object().expect("inputs object");
+        assert_eq!(inputs.len(), 7);
+
+        let x = &inputs["x"];
+        assert_eq!(shape_of(x), vec![1, 64]);
+        for v in leaves(x) {
+            let f = v.as_f64().expect("float");
+            assert!((-1.0..=1.0).contains(&f), "{f}");
+        }
+        assert_eq!(shape_of(&inputs["ids"]), vec![1, 8]);
+        for v in leaves(&inputs["ids"]) {
+            assert!(v.as_u64().expect("non-negative int") < 100);
+        }
+        assert_eq!(shape_of(&inputs["mask"]), vec![2, 8, 3]);
+        assert_eq!(leaves(&inputs["mask"]).len(), 48);
+        assert!(leaves(&inputs["mask"]).iter().all(|v| v.is_boolean()));
+        assert_eq!(shape_of(&inputs["text"]), vec![1]);
+        assert!(inputs["text"][0].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(inputs["scale"].is_f64(), "scalar, not an array");
+        assert_eq!(shape_of(&inputs["pixels"]), vec![1, 4]);
+        assert!(leaves(&inputs["n"]).iter().all(|v| v.as_u64().is_some()));
+
+        // Round-trips through the bytes actually sent.
+        let bytes = serde_json::to_vec(&body).expect("serializes");
+        let back: Value = serde_json::from_slice(&bytes).expect("parses");
+        assert_eq!(shape_of(&back["inputs"]["x"]), vec![1, 64]);
+    }
+
+    #[test]
+    fn rejects_bad_metadata() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let bad_dtype =
+            serde_json::json!({"inputs": [{"name": "x", "dtype": "c64", "shape": [1]}]});
+        let err = build_request_body(&bad_dtype, &mut rng).expect_err("unknown dtype");
+        assert!(format!("{err:#}").contains("c64"), "{err:#}");
+        let bad_dim =
+            serde_json::json!({"inputs": [{"name": "x", "dtype": "f32", "shape": [1, -3]}]});
+        assert!(build_request_body(&bad_dim, &mut rng).is_err());
+        let huge = serde_json::json!({"inputs": [{"name": "x", "dtype": "f32", "shape": [100000, 100000]}]});
+        assert!(build_request_body(&huge, &mut rng).is_err());
+        let no_inputs = serde_json::json!({"name": "mlp"});
+        assert!(build_request_body(&no_inputs, &mut rng).is_err());
+    }
+
+    #[test]
+    fn report_percentiles_and_json() {
+        let mut report = Report::empty(4, Duration::from_secs(2)).expect("histogram");
+        for us in 1..=1000 {
+            report.latency.record(us).expect("in range");
+        }
+        report.ok = 1000;
+        report.errors.insert("503".to_string(), 6);
+        report.errors.insert("io".to_string(), 2);
+
+        let json = report.to_json();
+        assert_eq!(json["requests_per_second"].as_f64(), Some(504.0));
+        assert_eq!(json["latency_us"]["p50"].as_u64(), Some(500));
+        assert_eq!(json["latency_us"]["p90"].as_u64(), Some(900));
+        assert_eq!(json["latency_us"]["p99"].as_u64(), Some(990));
+        assert_eq!(json["latency_us"]["p999"].as_u64(), Some(999));
+        assert_eq!(json["latency_us"]["max"].as_u64(), Some(1000));
+        assert_eq!(json["ok"].as_u64(), Some(1000));
+        assert_eq!(json["errors"]["503"].as_u64(), Some(6));
+        assert_eq!(json["errors"]["io"].as_u64(), Some(2));
+        assert_eq!(json["concurrency"].as_u64(), Some(4));
+        assert_eq!(json["duration_s"].as_f64(), Some(2.0));
+        let keys: Vec<&String> = json.as_object().expect("object").keys().collect();
+        assert_eq!(keys.len(), 6);
+
+        let text = report.to_text();
+        assert!(text.contains("requests/s:  504.0"), "{text}");
+        assert!(text.contains("p50 0.500 ms"), "{text}");
+        assert!(text.contains("p99.9 0.999 ms"), "{text}");
+        assert!(text.contains("max 1.000 ms"), "{text}");
+        assert!(text.contains("503: 6, io: 2"), "{text}");
+
+        let empty = Report::empty(1, Duration::from_secs(1)).expect("histogram");
+        assert_eq!(empty.to_json()["latency_us"]["p99"].as_u64(), Some(0));
+        assert_eq!(empty.to_json()["errors"], serde_json::json!({}));
+        assert!(empty.to_text().contains("n/a"));
+    }
+
+    #[test]
+    fn parses_urls() {
+        let base = BaseUrl::parse("http://127.0.0.1:8080").expect("valid");
+        assert_eq!(base.host, "127.0.0.1");
+        assert_eq!(base.port, 8080);
+        assert_eq!(base.host_header, "127.0.0.1:8080");
+        assert_eq!(base.base_path, "");
+        let target = Target::new(base, &request_path("mlp", None).expect("path")).expect("target");
+        assert_eq!(target.uri, "/api/v1/models/mlp/infer");
+        assert_eq!(
+            target.url(),
+            "http://127.0.0.1:8080/api/v1/models/mlp/infer"
+        );
+
+        let base = BaseUrl::parse("http://node.local/cohort/").expect("valid");
+        assert_eq!((base.host.as_str(), base.port), ("node.local", 80));
+        assert_eq!(base.host_header, "node.local");
+        assert_eq!(base.base_path, "/cohort");
+        let path = request_path("my model", Some("/api/v1/models/{model}/batch")).expect("path");
+        let target = Target::new(base, &path).expect("target");
+        assert_eq!(target.uri, "/cohort/api/v1/models/my%20model/batch");
+
+        let base = BaseUrl::parse("http://[::1]:9000/").expect("ipv6");
+        assert_eq!(base.host, "::1");
+        assert_eq!(base.host_header, "[::1]:9000");
+
+        let err = BaseUrl::parse("https://127.0.0.1:8443").expect_err("https");
+        assert!(format!("{err}").contains("https is not supported"), "{err}");
+        assert!(BaseUrl::parse("127.0.0.1:8080").is_err());
+        assert!(BaseUrl::parse("ftp://host/").is_err());
+        assert!(BaseUrl::parse("http://").is_err());
+        assert!(BaseUrl::parse("http://host:8080/?a=b").is_err());
+        assert!(request_path("mlp", Some("no-slash")).is_err());
+    }
+
+    #[test]
+    fn parses_args() {
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        let cli = Cli::try_parse_from(["bench", "--model", "mlp"]).expect("defaults");
+        let args = cli.bench;
+        assert_eq!(args.url, "http://127.0.0.1:8080");
+        assert_eq!(args.concurrency, 16);
+        assert_eq!(args.duration, Duration::from_secs(10));
+        assert_eq!(args.warmup, Duration::from_secs(1));
+        assert!(args.body.is_none() && args.path.is_none() && !args.json);
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--model",
+            "m",
+            "--duration",
+            "1m 30s",
+            "--warmup",
+            "0s",
+            "--concurrency",
+            "3",
+            "--json",
+        ])
+        .expect("parses");
+        assert_eq!(cli.bench.duration, Duration::from_secs(90));
+        assert!(cli.bench.warmup.is_zero());
+        assert!(
+            Cli::try_parse_from(["bench"]).is_err(),
+            "--model is required"
+        );
+        assert!(Cli::try_parse_from(["bench", "--model", "m", "--concurrency", "0"]).is_err());
+    }
+
+    // A minimal keep-alive HTTP/1.1 responder (hyper's server feature is off).
+    async fn spawn_server(status_line: &'static str, body: &'static str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let response: Arc<[u8]> = format!(
+            "HTTP/1.1 {status_line}\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+        .into();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, Arc::clone(&response)));
+            }
+        });
+        addr
+    }
+
+    async fn serve_connection(stream: TcpStream, response: Arc<[u8]>) {
+        let mut buf = Vec::new();
+        loop {
+            let header_end = loop {
+                if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break pos + 4;
+                }
+                if !read_some(&stream, &mut buf).await {
+                    return;
+                }
+            };
+            let headers = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+            let content_length: usize = headers
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < header_end + content_length {
+                if !read_some(&stream, &mut buf).await {
+                    return;
+                }
+            }
+            buf.drain(..header_end + content_length);
+            let mut written = 0;
+            while written < response.len() {
+                if stream.writable().await.is_err() {
+                    return;
+                }
+                match stream.try_write(&response[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if stream.readable().await.is_err() {
+                return false;
+            }
+            match stream.try_read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    return true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn target_for(addr: SocketAddr) -> Target {
+        let base = BaseUrl::parse(&format!("http://{addr}")).expect("url");
+        Target::new(base, &request_path("mlp", None).expect("path")).expect("target")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn load_against_local_server() {
+        let addr = spawn_server("200 OK", "{}").await;
+        let target = target_for(addr);
+        let body = Bytes::from_static(br#"{"inputs":{"x":[[0.5,-0.25]]}}"#);
+        let report = load(
+            &target,
+            body,
+            2,
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("load runs");
+        assert!(report.ok > 0, "{report:?}");
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.latency.len(), report.ok);
+        let json = report.to_json();
+        assert_eq!(json["concurrency"].as_u64(), Some(2));
+        assert_eq!(json["duration_s"].as_f64(), Some(1.0));
+        assert!(json["requests_per_second"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0));
+        assert!(json["latency_us"]["p50"].as_u64().is_some_and(|p| p >= 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_error_statuses() {
+        let addr = spawn_server("503 Service Unavailable", r#"{"error":"busy"}"#).await;
+        let report = load(
+            &target_for(addr),
+            Bytes::from_static(b"{}"),
+            1,
+            Duration::ZERO,
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("load runs");
+        assert_eq!(report.ok, 0);
+        assert!(
+            report.errors.get("503").is_some_and(|&n| n > 0),
+            "{report:?}"
+        );
+        assert_eq!(report.errors.len(), 1);
+        assert!(report.latency.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreachable_server_is_an_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let err = load(
+            &target_for(addr),
+            Bytes::from_static(b"{}"),
+            2,
+            Duration::ZERO,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("nothing listens");
+        assert!(format!("{err:#}").contains("gave up"), "{err:#}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetches_metadata() {
+        let meta =
+            r#"{"name":"mlp","inputs":[{"name":"x","dtype":"f32","shape":[-1,4]}],"outputs":[]}"#;
+        let addr = spawn_server("200 OK", meta).await;
+        let base = BaseUrl::parse(&format!("http://{addr}")).expect("url");
+        let value = fetch_metadata(&base, "mlp").await.expect("metadata");
+        assert_eq!(value["inputs"][0]["shape"], serde_json::json!([-1, 4]));
+
+        let addr = spawn_server("404 Not Found", r#"{"error":"model not found: nope"}"#).await;
+        let base = BaseUrl::parse(&format!("http://{addr}")).expect("url");
+        let err = fetch_metadata(&base, "nope").await.expect_err("404");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("404") && msg.contains("model not found: nope"),
+            "{msg}"
+        );
+    }
+}
