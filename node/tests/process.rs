@@ -1,0 +1,265 @@
+//! Tests of the `cohort` binary as a user runs it: `cohort up` in its own process, a
+//! config file, SIGTERM with a request in flight, and `cohort bench --json` against it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cohort");
+
+/// A `cohort up` process; killed if the test fails before it stops it.
+struct UpProcess {
+    child: Child,
+    url: String,
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cohort up` with `args` and waits (with a deadline) for the line with its URL.
+fn cohort_up(args: &[&str]) -> UpProcess {
+    let mut child = Command::new(BIN)
+        .arg("up")
+        .args(["--http-addr", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cohort starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("cohort up prints its URL in time");
+        if let Some(url) = line.strip_prefix("Cohort is serving on ") {
+            return UpProcess {
+                child,
+                url: url.trim().to_string(),
+            };
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[[models]]\nname = \"slow\"\nengine = \"sleep\"\n[models.options]\nsleep_ms = 400\n",
+    )
+    .expect("config written");
+    let data = dir.path().join("data");
+    let mut up = cohort_up(&[
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]);
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("{}/readyz", up.url))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    assert!(
+        data.join("models/mlp.safetensors").exists(),
+        "demo model written"
+    );
+
+    let url = format!("{}/api/v1/models/slow/infer", up.url);
+    let client = http.clone();
+    let in_flight = tokio::spawn(async move {
+        let res = client
+            .post(url)
+            .json(&json!({"inputs": {"x": [[4.0, 2.0]]}}))
+            .send()
+            .await
+            .expect("sent");
+        (
+            res.status().as_u16(),
+            res.json::<Value>().await.expect("json"),
+        )
+    });
+    // Wait until the request is running, then send SIGTERM.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m: Value = http
+            .get(format!("{}/api/v1/models/slow", up.url))
+            .send()
+            .await
+            .expect("model")
+            .json()
+            .await
+            .expect("json");
+        if m["replicas"][0]["in_flight"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = up.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+
+    let (status, body) = in_flight.await.expect("task");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"]["y"], json!([[4.0, 2.0]]));
+    let exit = wait_exit(&mut up.child, Duration::from_secs(20)).expect("exits in time");
+    assert!(exit.success(), "exit status {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_json_reports_a_closed_loop_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let up = cohort_up(&["--data-dir", dir.path().to_str().expect("utf-8 path")]);
+    let out = tokio::task::spawn_blocking({
+        let url = up.url.clone();
+        move || {
+            Command::new(BIN)
+                .args([
+                    "bench",
+                    "--url",
+                    &url,
+                    "--model",
+                    "mlp",
+                    "--concurrency",
+                    "4",
+                ])
+                .args(["--duration", "1s", "--warmup", "200ms", "--json"])
+                .output()
+                .expect("bench runs")
+        }
+    })
+    .await
+    .expect("task");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(
+        report["requests_per_second"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0),
+        "{report}"
+    );
+    assert!(report["ok"].as_u64().is_some_and(|n| n > 0));
+    assert_eq!(report["errors"], json!({}));
+    for p in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            report["latency_us"][p].as_u64().is_some_and(|v| v > 0),
+            "{p}"
+        );
+    }
+    // Unknown model: a clear error, non-zero exit.
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &up.url,
+            "--model",
+            "nope",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .expect("bench runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+}
+
+#[test]
+fn bad_config_is_reported_with_every_field_and_no_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "node_name = \"\"\n[[models]]\nname = \"s\"\nengine = \"sleep\"\n[models.batching]\nmax_batch_size = 0\n",
+    )
+    .expect("config written");
+    let out = Command::new(BIN)
+        .args([
+            "up",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--check-config",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "node_name",
+        "models[0].batching.max_batch_size",
+        "models[0].options.sleep_ms",
+    ] {
+        assert!(err.contains(field), "missing {field} in {err}");
+    }
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(BIN)
+        .args(["up", "--help"])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--http-addr",
+        "--data-dir",
+        "--config",
+        "--log-format",
+        "COHORT_HTTP_ADDR",
+    ] {
+        assert!(text.contains(flag), "missing {flag} in {text}");
+    }
+    let out = Command::new(BIN)
+        .args(["bench", "--help"])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--url",
+        "--model",
+        "--concurrency",
+        "--duration",
+        "--body",
+        "--json",
+    ] {
+        assert!(text.contains(flag), "missing {flag} in {text}");
+    }
+}
