@@ -85,7 +85,8 @@ impl Actor for ModelInstance {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ModelInstanceMsg::Infer(p) => {
-                if let Err((err, p)) = state.shared.submit(*p) {
+                if let Err(rejected) = state.shared.submit(*p) {
+                    let (err, p) = *rejected;
                     let _ = p.reply.send(Err(err));
                 }
             }

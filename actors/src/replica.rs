@@ -271,8 +271,9 @@ impl ReplicaShared {
         *lock(&self.last_error) = Some(e);
     }
 
-    /// Queues a request. Fails at once when the queue is full or the replica is closing.
-    pub fn submit(&self, mut p: Pending) -> Result<(), (InferError, Pending)> {
+    /// Queues a request. Fails at once, handing the request back, when the queue is full
+    /// or the replica is closing.
+    pub fn submit(&self, mut p: Pending) -> Result<(), Box<(InferError, Pending)>> {
         let mut q = lock(&self.queue);
         if q.closing {
             drop(q);
@@ -280,7 +281,7 @@ impl ReplicaShared {
                 model: self.model.clone(),
                 reason: format!("replica {} is stopping", self.id),
             };
-            return Err((err, p));
+            return Err(Box::new((err, p)));
         }
         p.enqueued = Instant::now();
         match q.queue.push(p) {
@@ -297,7 +298,7 @@ impl ReplicaShared {
                     replica: self.id.clone(),
                     capacity,
                 };
-                Err((err, p))
+                Err(Box::new((err, p)))
             }
         }
     }

@@ -260,7 +260,10 @@ mod tests {
         for (r, row) in rows.iter().enumerate() {
             let want = reference(&dims, 42, row);
             let mut single = TensorMap::new();
-            single.insert("x".into(), Tensor::from_rows_f32(&[row.clone()]).unwrap());
+            single.insert(
+                "x".into(),
+                Tensor::from_rows_f32(std::slice::from_ref(row)).unwrap(),
+            );
             let one = mlp.infer(&single).unwrap();
             let TensorData::F32(y1) = &one["y"].data else {
                 panic!("f32 output")

@@ -105,7 +105,7 @@ impl Engine for Fail {
     }
     fn infer(&mut self, inputs: &TensorMap) -> Result<TensorMap, EngineError> {
         self.calls += 1;
-        if self.calls % self.every == 0 {
+        if self.calls.is_multiple_of(self.every) {
             match self.mode {
                 FailMode::Error => {
                     return Err(EngineError::Inference(format!(

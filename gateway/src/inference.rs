@@ -146,7 +146,7 @@ fn submit(
     };
     replica
         .submit(pending)
-        .map_err(|(e, _)| ApiError::from(e))?;
+        .map_err(|rejected| ApiError::from(rejected.0))?;
     Ok(Queued {
         replica,
         rx,

@@ -33,7 +33,12 @@ fn cohort_up(args: &[&str]) -> UpProcess {
         .stderr(Stdio::null())
         .spawn()
         .expect("cohort starts");
-    let stdout = child.stdout.take().expect("stdout");
+    let stdout = child.stdout.take();
+    let mut up = UpProcess {
+        child,
+        url: String::new(),
+    };
+    let stdout = stdout.expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -49,10 +54,8 @@ fn cohort_up(args: &[&str]) -> UpProcess {
             .recv_timeout(left)
             .expect("cohort up prints its URL in time");
         if let Some(url) = line.strip_prefix("Cohort is serving on ") {
-            return UpProcess {
-                child,
-                url: url.trim().to_string(),
-            };
+            up.url = url.trim().to_string();
+            return up;
         }
     }
 }
