@@ -13,11 +13,11 @@
 //! purpose it closes the queue, lets the engine thread finish every queued request
 //! (draining), and only then stops.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use cohort_config::ModelConfig;
+use cohort_engines::LoadContext;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::replica::ReplicaStatus;
@@ -32,8 +32,8 @@ pub struct ModelInstanceArgs {
     pub shared: Arc<ReplicaShared>,
     /// The model it runs.
     pub model: ModelConfig,
-    /// Where relative model paths are read from.
-    pub data_dir: PathBuf,
+    /// Where the engine loads from and runs (data dir, device, threads).
+    pub load: LoadContext,
 }
 
 /// Messages to a ModelInstance.
@@ -69,7 +69,7 @@ impl Actor for ModelInstance {
         args.shared.reopen();
         args.shared.set_state(ReplicaState::Loading);
         let thread =
-            spawn_engine_thread(Arc::clone(&args.shared), args.model, args.data_dir, myself)?;
+            spawn_engine_thread(Arc::clone(&args.shared), args.model, args.load, myself)?;
         Ok(InstanceState {
             shared: args.shared,
             thread: Some(thread),

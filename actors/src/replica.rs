@@ -12,13 +12,12 @@
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use cohort_config::{BatchingConfig, ModelConfig};
-use cohort_engines::{concat_maps, split_map, Engine, ModelMetadata, TensorMap};
+use cohort_engines::{concat_maps, split_map, Engine, LoadContext, ModelMetadata, TensorMap};
 use hdrhistogram::Histogram;
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
@@ -421,13 +420,13 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub(crate) fn spawn_engine_thread(
     shared: Arc<ReplicaShared>,
     model: ModelConfig,
-    data_dir: PathBuf,
+    load: LoadContext,
     instance: ActorRef<ModelInstanceMsg>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("engine-{}", shared.id))
         .spawn(move || {
-            let exit = engine_thread(&shared, &model, &data_dir, &instance);
+            let exit = engine_thread(&shared, &model, &load, &instance);
             let _ = instance.cast(ModelInstanceMsg::EngineExited(exit));
         })
 }
@@ -435,7 +434,7 @@ pub(crate) fn spawn_engine_thread(
 fn engine_thread(
     shared: &Arc<ReplicaShared>,
     model: &ModelConfig,
-    data_dir: &std::path::Path,
+    load: &LoadContext,
     instance: &ActorRef<ModelInstanceMsg>,
 ) -> EngineExit {
     let span = tracing::info_span!("replica", replica = %shared.id);
@@ -443,7 +442,7 @@ fn engine_thread(
     shared.set_state(ReplicaState::Loading);
     let started = Instant::now();
     let loaded = catch_unwind(AssertUnwindSafe(|| {
-        cohort_engines::load_engine(model, data_dir)
+        cohort_engines::load_engine(model, load)
     }));
     let mut engine: Box<dyn Engine> = match loaded {
         Ok(Ok(e)) => e,

@@ -82,8 +82,13 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The HTTP gateway's listen address.
     pub http_addr: SocketAddr,
-    /// Serve the built-in demo models (`mlp`, `echo`) besides those in `models`.
+    /// Where model directories are looked for (default: `<data_dir>/models`).
+    pub models_dir: Option<PathBuf>,
+    /// Serve the built-in demo models (`mlp`, `echo`, and `minilm` when its files are in
+    /// the models dir) besides those in `models`.
     pub builtin_models: bool,
+    /// Where the ONNX Runtime shared library comes from.
+    pub onnxruntime: OnnxRuntimeConfig,
     /// Limits that protect the node.
     pub limits: Limits,
     /// The models this node serves.
@@ -97,11 +102,21 @@ impl Default for NodeConfig {
             node_name: "cohort-1".into(),
             data_dir: PathBuf::from("./cohort-data"),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            models_dir: None,
             builtin_models: true,
+            onnxruntime: OnnxRuntimeConfig::default(),
             limits: Limits::default(),
             models: Vec::new(),
         }
     }
+}
+
+/// Where the ONNX Runtime shared library (`libonnxruntime.so`) comes from: this path,
+/// else `COHORT_ORT_LIB`, else the `onnxruntime` package of the machine's `python3`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnnxRuntimeConfig {
+    pub library: Option<PathBuf>,
 }
 
 /// Limits on requests and queues.
@@ -138,6 +153,11 @@ impl Default for Limits {
 pub enum EngineKind {
     /// A multi-layer perceptron read from safetensors, run with candle.
     CandleMlp,
+    /// Any `.onnx` model, run with ONNX Runtime.
+    Onnx,
+    /// A BERT-family sentence-embedding model (sentence-transformers layout), run with
+    /// candle.
+    CandleBert,
     /// Returns its input unchanged.
     Echo,
     /// Echoes after sleeping `options.sleep_ms`.
@@ -151,6 +171,8 @@ impl EngineKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EngineKind::CandleMlp => "candle-mlp",
+            EngineKind::Onnx => "onnx",
+            EngineKind::CandleBert => "candle-bert",
             EngineKind::Echo => "echo",
             EngineKind::Sleep => "sleep",
             EngineKind::Fail => "fail",
@@ -192,13 +214,14 @@ pub struct ModelConfig {
     /// How many replicas this node runs.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
-    /// Where the replicas run; only `cpu` in this build.
+    /// Where the replicas run: `cpu`, `cuda:N`, or `auto` (a GPU with enough free memory,
+    /// else the CPU).
     #[serde(default = "default_device")]
     pub device: String,
     /// Dynamic batching.
     #[serde(default)]
     pub batching: BatchingConfig,
-    /// Options of the test engines.
+    /// Engine-specific options.
     #[serde(default)]
     pub options: EngineOptions,
 }
@@ -252,6 +275,9 @@ pub struct BatchingConfig {
     /// After this long in the queue a request moves up one priority level, so that low
     /// priority is never starved.
     pub priority_aging_ms: u64,
+    /// Text models: most tokens in one engine call, as TEI's `max-batch-tokens`.
+    /// 0 turns the limit off.
+    pub max_batch_tokens: usize,
 }
 
 impl Default for BatchingConfig {
@@ -260,14 +286,22 @@ impl Default for BatchingConfig {
             max_batch_size: 32,
             max_queue_delay_us: 0,
             priority_aging_ms: 100,
+            max_batch_tokens: 0,
         }
     }
 }
 
-/// Options of the test engines; each engine reads the ones it needs.
+/// Engine-specific options; each engine reads the ones it needs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineOptions {
+    /// `onnx`: intra-op threads per replica (default: the node's cores divided among the
+    /// node's ONNX replicas, at least 1).
+    pub intra_op_threads: Option<usize>,
+    /// `candle-bert`: L2-normalize the embeddings (default true).
+    pub normalize: Option<bool>,
+    /// `candle-bert`: truncate inputs to this many tokens (default: the model's maximum).
+    pub max_length: Option<usize>,
     /// `sleep`: how long each call sleeps.
     pub sleep_ms: Option<u64>,
     /// `fail`: every Nth call fails.
@@ -447,8 +481,18 @@ impl NodeConfig {
             if m.replicas > 64 {
                 err(p("replicas"), "must be between 0 and 64");
             }
-            if m.device != "cpu" {
-                err(p("device"), "only \"cpu\" is available in this build");
+            if DeviceSpec::parse(&m.device).is_none() {
+                err(p("device"), "must be \"cpu\", \"cuda:N\" or \"auto\"");
+            }
+            if let Some(t) = m.options.intra_op_threads {
+                if !(1..=256).contains(&t) {
+                    err(p("options.intra_op_threads"), "must be between 1 and 256");
+                }
+            }
+            if let Some(l) = m.options.max_length {
+                if !(2..=65_536).contains(&l) {
+                    err(p("options.max_length"), "must be between 2 and 65536");
+                }
             }
             if !(1..=4096).contains(&m.batching.max_batch_size) {
                 err(p("batching.max_batch_size"), "must be between 1 and 4096");
@@ -463,8 +507,10 @@ impl NodeConfig {
                 err(p("batching.priority_aging_ms"), "must be at least 1");
             }
             match m.engine {
-                EngineKind::CandleMlp if m.path.is_none() => {
-                    err(p("path"), "is required by engine candle-mlp")
+                EngineKind::CandleMlp | EngineKind::Onnx | EngineKind::CandleBert
+                    if m.path.is_none() =>
+                {
+                    err(p("path"), &format!("is required by engine {}", m.engine))
                 }
                 EngineKind::Sleep if m.options.sleep_ms.is_none() => {
                     err(p("options.sleep_ms"), "is required by engine sleep")
@@ -483,11 +529,26 @@ impl NodeConfig {
         }
     }
 
-    /// The models this node serves: the built-in ones (when enabled) then the configured ones.
+    /// Where model directories are looked for.
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("models"))
+    }
+
+    /// The models this node serves: the built-in ones (when enabled) then the configured
+    /// ones. `minilm` is built in only when its files are in the models dir.
     pub fn all_models(&self) -> Vec<ModelConfig> {
         let mut out = Vec::new();
         if self.builtin_models {
             out.extend(builtin_models());
+            let minilm = self.models_dir().join(MINILM_DIR);
+            if minilm.join("config.json").is_file() {
+                let mut m = ModelConfig::new("minilm", EngineKind::CandleBert);
+                m.path = Some(minilm);
+                m.batching.max_batch_tokens = 16_384;
+                out.push(m);
+            }
         }
         out.extend(self.models.iter().cloned());
         out
@@ -495,7 +556,34 @@ impl NodeConfig {
 }
 
 /// Names taken by the built-in models.
-pub const BUILTIN_MODEL_NAMES: &[&str] = &["mlp", "echo"];
+pub const BUILTIN_MODEL_NAMES: &[&str] = &["mlp", "echo", "minilm"];
+
+/// Directory (inside the models dir) of all-MiniLM-L6-v2, served as `minilm` when present.
+pub const MINILM_DIR: &str = "all-MiniLM-L6-v2";
+
+/// Where a model's replicas run, as written in `device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    /// A GPU with enough free memory, else the CPU.
+    Auto,
+}
+
+impl DeviceSpec {
+    /// Parses `cpu`, `cuda:N` (or `cuda`, meaning `cuda:0`) and `auto`.
+    pub fn parse(s: &str) -> Option<DeviceSpec> {
+        match s {
+            "cpu" => Some(DeviceSpec::Cpu),
+            "auto" => Some(DeviceSpec::Auto),
+            "cuda" => Some(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda),
+        }
+    }
+}
 
 /// File name of the generated demo MLP inside the data dir.
 pub const BUILTIN_MLP_FILE: &str = "models/mlp.safetensors";
@@ -599,6 +687,8 @@ mod tests {
             "models[2].name",
             "models[2].options.fail_every",
             "models[2].device",
+            "models[3].path",
+            "models[3].options.intra_op_threads",
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }
@@ -644,6 +734,34 @@ mod tests {
         assert_eq!(errs[0].path, "models[0].name");
         cfg.builtin_models = false;
         assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(DeviceSpec::parse("cpu"), Some(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("cuda:1"), Some(DeviceSpec::Cuda(1)));
+        assert_eq!(DeviceSpec::parse("cuda"), Some(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("auto"), Some(DeviceSpec::Auto));
+        assert_eq!(DeviceSpec::parse("gpu"), None);
+        assert_eq!(DeviceSpec::parse("cuda:x"), None);
+    }
+
+    #[test]
+    fn minilm_is_built_in_only_when_its_files_are_there() {
+        let dir = std::env::temp_dir().join(format!("cohort-cfg-{}", std::process::id()));
+        let mut cfg = NodeConfig {
+            data_dir: dir.clone(),
+            ..NodeConfig::default()
+        };
+        assert!(!cfg.all_models().iter().any(|m| m.name == "minilm"));
+        let minilm = dir.join("models").join(MINILM_DIR);
+        std::fs::create_dir_all(&minilm).unwrap();
+        std::fs::write(minilm.join("config.json"), "{}").unwrap();
+        let m = cfg.all_models().into_iter().find(|m| m.name == "minilm");
+        assert_eq!(m.map(|m| m.engine), Some(EngineKind::CandleBert));
+        cfg.builtin_models = false;
+        assert!(cfg.all_models().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -23,15 +23,17 @@
 //! assert_eq!(out["y"].data, TensorData::F32(vec![1.0, 2.0]));
 //! ```
 
+pub mod device;
 pub mod mlp;
 pub mod tensor;
 pub mod testing;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cohort_config::{EngineKind, ModelConfig};
 use serde::{Deserialize, Serialize};
 
+pub use device::{Device, DeviceInfo};
 pub use tensor::{concat_maps, split_map, DType, ShapeError, Tensor, TensorData, TensorMap};
 
 /// What can go wrong in an engine.
@@ -174,19 +176,62 @@ pub trait Engine: Send + 'static {
     fn memory_bytes(&self) -> u64 {
         0
     }
+
+    /// Text models: counts the tokens of one request's inputs, so that the batcher can
+    /// honour `max_batch_tokens`. Called on tokio workers, so it must be cheap.
+    fn token_counter(&self) -> Option<TokenCounter> {
+        None
+    }
 }
 
-/// Loads the engine a model's configuration names. Relative paths are read from `data_dir`.
-pub fn load_engine(model: &ModelConfig, data_dir: &Path) -> Result<Box<dyn Engine>, EngineError> {
+/// Counts the tokens of a request's inputs (see [`Engine::token_counter`]).
+pub type TokenCounter = std::sync::Arc<dyn Fn(&TensorMap) -> usize + Send + Sync>;
+
+/// What an engine needs to know, besides its model's configuration, to load.
+#[derive(Debug, Clone)]
+pub struct LoadContext {
+    /// Relative model paths are read from here.
+    pub data_dir: PathBuf,
+    /// The device this replica is pinned to.
+    pub device: Device,
+    /// The ONNX Runtime library named in the node's config, if any.
+    pub ort_library: Option<PathBuf>,
+    /// Intra-op threads for engines that have a thread pool (ONNX Runtime), when the
+    /// model's options do not say.
+    pub default_threads: usize,
+}
+
+impl LoadContext {
+    /// A context for the CPU with one intra-op thread.
+    pub fn cpu(data_dir: &Path) -> LoadContext {
+        LoadContext {
+            data_dir: data_dir.to_path_buf(),
+            device: Device::Cpu,
+            ort_library: None,
+            default_threads: 1,
+        }
+    }
+}
+
+fn model_path(model: &ModelConfig, ctx: &LoadContext) -> Result<PathBuf, EngineError> {
+    model
+        .resolved_path(&ctx.data_dir)
+        .ok_or_else(|| EngineError::Load {
+            path: String::new(),
+            reason: format!("engine {} needs a path", model.engine),
+        })
+}
+
+/// Loads the engine a model's configuration names.
+pub fn load_engine(model: &ModelConfig, ctx: &LoadContext) -> Result<Box<dyn Engine>, EngineError> {
     let engine: Box<dyn Engine> = match model.engine {
-        EngineKind::CandleMlp => {
-            let path = model
-                .resolved_path(data_dir)
-                .ok_or_else(|| EngineError::Load {
-                    path: String::new(),
-                    reason: "engine candle-mlp needs a path".into(),
-                })?;
-            Box::new(mlp::CandleMlp::load(&path)?)
+        EngineKind::CandleMlp => Box::new(mlp::CandleMlp::load(&model_path(model, ctx)?, ctx.device)?),
+        // Replaced by the ONNX Runtime and BERT engines as they land.
+        EngineKind::Onnx | EngineKind::CandleBert => {
+            return Err(EngineError::Load {
+                path: model_path(model, ctx)?.display().to_string(),
+                reason: format!("engine {} is missing from this build", model.engine),
+            })
         }
         EngineKind::Echo => Box::new(testing::Echo::new()),
         EngineKind::Sleep => Box::new(testing::Sleep::new(std::time::Duration::from_millis(

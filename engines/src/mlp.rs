@@ -10,9 +10,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor as CTensor};
+use candle_core::Tensor as CTensor;
 
-use crate::{DType, Engine, EngineError, ModelMetadata, Tensor, TensorData, TensorMap, TensorSpec};
+use crate::{
+    DType, Device, Engine, EngineError, ModelMetadata, Tensor, TensorData, TensorMap, TensorSpec,
+};
 
 /// Layer sizes of the demo model: 64 → 256 → ReLU → 10.
 pub const DEMO_MLP_DIMS: &[usize] = &[64, 256, 10];
@@ -32,21 +34,26 @@ pub struct CandleMlp {
     out_dim: usize,
     meta: ModelMetadata,
     params: u64,
+    device: candle_core::Device,
 }
 
 impl CandleMlp {
-    /// Loads the layers from a safetensors file.
-    pub fn load(path: &Path) -> Result<CandleMlp, EngineError> {
+    /// Loads the layers from a safetensors file onto `device`.
+    pub fn load(path: &Path, device: Device) -> Result<CandleMlp, EngineError> {
         let load_err = |reason: String| EngineError::Load {
             path: path.display().to_string(),
             reason,
         };
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| load_err(e.to_string()))?;
-        Self::from_tensors(tensors).map_err(load_err)
+        let device = device.candle()?;
+        let tensors =
+            candle_core::safetensors::load(path, &device).map_err(|e| load_err(e.to_string()))?;
+        Self::from_tensors(tensors, device).map_err(load_err)
     }
 
-    fn from_tensors(mut tensors: HashMap<String, CTensor>) -> Result<CandleMlp, String> {
+    fn from_tensors(
+        mut tensors: HashMap<String, CTensor>,
+        device: candle_core::Device,
+    ) -> Result<CandleMlp, String> {
         let mut layers = Vec::new();
         let mut dims: Vec<usize> = Vec::new();
         let mut params = 0u64;
@@ -98,6 +105,7 @@ impl CandleMlp {
             out_dim,
             meta,
             params,
+            device,
         })
     }
 }
@@ -115,7 +123,7 @@ impl Engine for CandleMlp {
             return Err(EngineError::Inference("input x must be f32".into()));
         };
         let rows = x.rows()?;
-        let mut h = CTensor::from_slice(data.as_slice(), (rows, self.in_dim), &Device::Cpu)?;
+        let mut h = CTensor::from_slice(data.as_slice(), (rows, self.in_dim), &self.device)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             h = h.matmul(&layer.weight_t)?.broadcast_add(&layer.bias)?;
@@ -244,7 +252,7 @@ mod tests {
         let path = dir.path().join("m/mlp.safetensors");
         let dims = [8, 16, 3];
         write_demo_mlp(&path, &dims, 42).unwrap();
-        let mut mlp = CandleMlp::load(&path).unwrap();
+        let mut mlp = CandleMlp::load(&path, Device::Cpu).unwrap();
         assert_eq!(mlp.metadata().inputs[0].shape, vec![-1, 8]);
         assert_eq!(mlp.metadata().outputs[0].shape, vec![-1, 3]);
 
@@ -281,11 +289,11 @@ mod tests {
         let path = dir.path().join("junk.safetensors");
         std::fs::write(&path, b"not a safetensors file").unwrap();
         assert!(matches!(
-            CandleMlp::load(&path),
+            CandleMlp::load(&path, Device::Cpu),
             Err(EngineError::Load { .. })
         ));
         assert!(matches!(
-            CandleMlp::load(&dir.path().join("missing")),
+            CandleMlp::load(&dir.path().join("missing"), Device::Cpu),
             Err(EngineError::Load { .. })
         ));
     }

@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 pub enum DType {
     F32,
     F64,
+    F16,
     I64,
     I32,
+    I8,
     U8,
     Bool,
     /// UTF-8 strings (text models).
@@ -29,8 +31,10 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::F64 => "f64",
+            DType::F16 => "f16",
             DType::I64 => "i64",
             DType::I32 => "i32",
+            DType::I8 => "i8",
             DType::U8 => "u8",
             DType::Bool => "bool",
             DType::String => "string",
@@ -49,8 +53,10 @@ impl fmt::Display for DType {
 pub enum TensorData {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    F16(Vec<half::f16>),
     I64(Vec<i64>),
     I32(Vec<i32>),
+    I8(Vec<i8>),
     U8(Vec<u8>),
     Bool(Vec<bool>),
     String(Vec<String>),
@@ -62,8 +68,10 @@ macro_rules! each_variant {
         match $data {
             TensorData::F32($v) => $body,
             TensorData::F64($v) => $body,
+            TensorData::F16($v) => $body,
             TensorData::I64($v) => $body,
             TensorData::I32($v) => $body,
+            TensorData::I8($v) => $body,
             TensorData::U8($v) => $body,
             TensorData::Bool($v) => $body,
             TensorData::String($v) => $body,
@@ -77,8 +85,10 @@ macro_rules! map_variant {
         match $data {
             TensorData::F32($v) => TensorData::F32($body),
             TensorData::F64($v) => TensorData::F64($body),
+            TensorData::F16($v) => TensorData::F16($body),
             TensorData::I64($v) => TensorData::I64($body),
             TensorData::I32($v) => TensorData::I32($body),
+            TensorData::I8($v) => TensorData::I8($body),
             TensorData::U8($v) => TensorData::U8($body),
             TensorData::Bool($v) => TensorData::Bool($body),
             TensorData::String($v) => TensorData::String($body),
@@ -92,8 +102,10 @@ impl TensorData {
         match self {
             TensorData::F32(_) => DType::F32,
             TensorData::F64(_) => DType::F64,
+            TensorData::F16(_) => DType::F16,
             TensorData::I64(_) => DType::I64,
             TensorData::I32(_) => DType::I32,
+            TensorData::I8(_) => DType::I8,
             TensorData::U8(_) => DType::U8,
             TensorData::Bool(_) => DType::Bool,
             TensorData::String(_) => DType::String,
@@ -119,8 +131,10 @@ impl TensorData {
         match (self, other) {
             (TensorData::F32(a), TensorData::F32(b)) => a.extend_from_slice(b),
             (TensorData::F64(a), TensorData::F64(b)) => a.extend_from_slice(b),
+            (TensorData::F16(a), TensorData::F16(b)) => a.extend_from_slice(b),
             (TensorData::I64(a), TensorData::I64(b)) => a.extend_from_slice(b),
             (TensorData::I32(a), TensorData::I32(b)) => a.extend_from_slice(b),
+            (TensorData::I8(a), TensorData::I8(b)) => a.extend_from_slice(b),
             (TensorData::U8(a), TensorData::U8(b)) => a.extend_from_slice(b),
             (TensorData::Bool(a), TensorData::Bool(b)) => a.extend_from_slice(b),
             (TensorData::String(a), TensorData::String(b)) => a.extend_from_slice(b),

@@ -42,8 +42,10 @@ pub fn tensor_from_json(spec: &TensorSpec, value: &Value) -> Result<Tensor, Inpu
     let mut data = match spec.dtype {
         DType::F32 => TensorData::F32(Vec::with_capacity(count)),
         DType::F64 => TensorData::F64(Vec::with_capacity(count)),
+        DType::F16 => TensorData::F16(Vec::with_capacity(count)),
         DType::I64 => TensorData::I64(Vec::with_capacity(count)),
         DType::I32 => TensorData::I32(Vec::with_capacity(count)),
+        DType::I8 => TensorData::I8(Vec::with_capacity(count)),
         DType::U8 => TensorData::U8(Vec::with_capacity(count)),
         DType::Bool => TensorData::Bool(Vec::with_capacity(count)),
         DType::String => TensorData::String(Vec::with_capacity(count)),
@@ -91,6 +93,14 @@ fn flatten(
     match out {
         TensorData::F32(d) => d.push(v.as_f64().ok_or_else(|| wrong("number"))? as f32),
         TensorData::F64(d) => d.push(v.as_f64().ok_or_else(|| wrong("number"))?),
+        TensorData::F16(d) => d.push(half::f16::from_f64(
+            v.as_f64().ok_or_else(|| wrong("number"))?,
+        )),
+        TensorData::I8(d) => d.push(
+            v.as_i64()
+                .and_then(|x| i8::try_from(x).ok())
+                .ok_or_else(|| wrong("-128..127 integer"))?,
+        ),
         TensorData::I64(d) => d.push(v.as_i64().ok_or_else(|| wrong("integer"))?),
         TensorData::I32(d) => d.push(
             v.as_i64()
