@@ -27,6 +27,9 @@ pub enum InferError {
     /// The node is shutting down and takes no new work.
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The picked replica is draining; another pick may succeed.
+    #[error("replica {replica} of model {model:?} is stopping")]
+    ReplicaStopping { model: String, replica: String },
 }
 
 impl InferError {
@@ -40,8 +43,20 @@ impl InferError {
             InferError::Timeout { .. } => "TIMEOUT",
             InferError::InferenceFailed(_) => "INFERENCE_FAILED",
             InferError::ShuttingDown => "SHUTTING_DOWN",
+            InferError::ReplicaStopping { .. } => "NO_REPLICA",
         }
     }
+}
+
+/// Why a change to a model's replicas was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("model {0:?} not found")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
 }
 
 /// Why a node could not start.

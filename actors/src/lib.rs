@@ -32,7 +32,7 @@ use std::time::Duration;
 use cohort_config::{EngineKind, NodeConfig};
 use ractor::{Actor, ActorRef};
 
-pub use error::{InferError, NodeError};
+pub use error::{ControlError, InferError, NodeError};
 pub use queue::Priority;
 pub use replica::{InferOutput, Pending, ReplicaShared, ReplicaState, ReplicaStatus};
 pub use router::{RouterHandle, RoutingTable};

@@ -68,8 +68,7 @@ impl Actor for ModelInstance {
     ) -> Result<Self::State, ActorProcessingErr> {
         args.shared.reopen();
         args.shared.set_state(ReplicaState::Loading);
-        let thread =
-            spawn_engine_thread(Arc::clone(&args.shared), args.model, args.load, myself)?;
+        let thread = spawn_engine_thread(Arc::clone(&args.shared), args.model, args.load, myself)?;
         Ok(InstanceState {
             shared: args.shared,
             thread: Some(thread),

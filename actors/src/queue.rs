@@ -55,6 +55,8 @@ pub trait QueueItem {
     fn cancelled(&self) -> bool;
     /// Rows it adds to a batch.
     fn rows(&self) -> usize;
+    /// Tokens it adds to a batch (text models; 0 otherwise).
+    fn tokens(&self) -> usize;
     /// Whether it can share an engine call with `other` (same input shapes past the first
     /// dimension).
     fn joinable(&self, other: &Self) -> bool;
@@ -153,16 +155,23 @@ impl<T: QueueItem> RequestQueue<T> {
             .map(|(_, _, i)| i)
     }
 
-    /// Takes the next batch: items in priority order while they fit in `max_rows` rows and
-    /// can be joined with the first. The first item is always taken, even if it alone has
-    /// more rows. Expired and cancelled items met on the way are taken out and returned.
-    pub fn take_batch(&mut self, now: Instant, max_rows: usize) -> Taken<T> {
+    /// Takes the next batch: items in priority order while they fit in `max_rows` rows
+    /// and `max_tokens` tokens (0: no token limit) and can be joined with the first. The
+    /// first item is always taken, even if it alone is larger. Expired and cancelled items
+    /// met on the way are taken out and returned.
+    pub fn take_batch(&mut self, now: Instant, max_rows: usize, max_tokens: usize) -> Taken<T> {
         let mut taken = Taken {
             batch: Vec::new(),
             expired: Vec::new(),
             cancelled: Vec::new(),
         };
         let mut rows = 0;
+        let mut tokens = 0;
+        let token_limit = if max_tokens == 0 {
+            usize::MAX
+        } else {
+            max_tokens
+        };
         while let Some(lane) = self.next_lane(now) {
             let Some((_, head)) = self.lanes[lane].front() else {
                 break;
@@ -180,11 +189,15 @@ impl<T: QueueItem> RequestQueue<T> {
                 continue;
             }
             if let Some(first) = taken.batch.first() {
-                if rows + head.rows() > max_rows || !first.joinable(head) {
+                if rows + head.rows() > max_rows
+                    || tokens + head.tokens() > token_limit
+                    || !first.joinable(head)
+                {
                     break;
                 }
             }
             rows += head.rows();
+            tokens += head.tokens();
             if let Some((_, it)) = self.lanes[lane].pop_front() {
                 taken.batch.push(it);
             }
@@ -215,6 +228,7 @@ mod tests {
         deadline: Instant,
         cancelled: bool,
         rows: usize,
+        tokens: usize,
         width: usize,
     }
 
@@ -234,6 +248,9 @@ mod tests {
         fn rows(&self) -> usize {
             self.rows
         }
+        fn tokens(&self) -> usize {
+            self.tokens
+        }
         fn joinable(&self, other: &Self) -> bool {
             self.width == other.width
         }
@@ -247,6 +264,7 @@ mod tests {
             deadline: at + Duration::from_secs(60),
             cancelled: false,
             rows: 1,
+            tokens: 10,
             width: 4,
         }
     }
@@ -270,7 +288,7 @@ mod tests {
         }
         let mut order = Vec::new();
         while !q.is_empty() {
-            order.extend(names(&q.take_batch(t0, 1).batch));
+            order.extend(names(&q.take_batch(t0, 1, 0).batch));
         }
         assert_eq!(order, vec!["high1", "high2", "norm1", "norm2", "low1"]);
     }
@@ -284,8 +302,8 @@ mod tests {
         let later = t0 + Duration::from_millis(250);
         q.push(item("fresh-high", Priority::High, later)).unwrap();
         // At t0 + 250ms the low request has aged two levels: effective 0, and it came first.
-        assert_eq!(names(&q.take_batch(later, 1).batch), vec!["old-low"]);
-        assert_eq!(names(&q.take_batch(later, 1).batch), vec!["fresh-high"]);
+        assert_eq!(names(&q.take_batch(later, 1, 0).batch), vec!["old-low"]);
+        assert_eq!(names(&q.take_batch(later, 1, 0).batch), vec!["fresh-high"]);
     }
 
     #[test]
@@ -295,7 +313,7 @@ mod tests {
         q.push(item("low", Priority::Low, t0)).unwrap();
         let later = t0 + Duration::from_millis(150);
         q.push(item("high", Priority::High, later)).unwrap();
-        assert_eq!(names(&q.take_batch(later, 1).batch), vec!["high"]);
+        assert_eq!(names(&q.take_batch(later, 1, 0).batch), vec!["high"]);
     }
 
     #[test]
@@ -328,13 +346,27 @@ mod tests {
             q.push(it).unwrap();
         }
         // Stops at the first item that cannot join, and keeps it for the next batch.
-        assert_eq!(names(&q.take_batch(t0, 8).batch), vec!["a", "b"]);
-        assert_eq!(names(&q.take_batch(t0, 8).batch), vec!["wide"]);
+        assert_eq!(names(&q.take_batch(t0, 8, 0).batch), vec!["a", "b"]);
+        assert_eq!(names(&q.take_batch(t0, 8, 0).batch), vec!["wide"]);
         q.push(two).unwrap();
         // Row budget: "c" (1 row) + "two-rows" (2 rows) > 2.
-        assert_eq!(names(&q.take_batch(t0, 2).batch), vec!["c"]);
+        assert_eq!(names(&q.take_batch(t0, 2, 0).batch), vec!["c"]);
         // A single item larger than the budget still runs, alone.
-        assert_eq!(names(&q.take_batch(t0, 1).batch), vec!["two-rows"]);
+        assert_eq!(names(&q.take_batch(t0, 1, 0).batch), vec!["two-rows"]);
+    }
+
+    #[test]
+    fn batch_respects_the_token_budget() {
+        let t0 = Instant::now();
+        let mut q = RequestQueue::new(10, Duration::from_secs(1));
+        for name in ["a", "b", "c", "d"] {
+            q.push(item(name, Priority::Normal, t0)).unwrap();
+        }
+        // 10 tokens each: a budget of 25 takes two.
+        assert_eq!(names(&q.take_batch(t0, 8, 25).batch), vec!["a", "b"]);
+        // A budget smaller than one item still takes that item, alone.
+        assert_eq!(names(&q.take_batch(t0, 8, 5).batch), vec!["c"]);
+        assert_eq!(names(&q.take_batch(t0, 8, 0).batch), vec!["d"]);
     }
 
     #[test]
@@ -348,7 +380,7 @@ mod tests {
         q.push(expired).unwrap();
         q.push(gone).unwrap();
         q.push(item("ok", Priority::Normal, t0)).unwrap();
-        let taken = q.take_batch(t0 + Duration::from_millis(10), 8);
+        let taken = q.take_batch(t0 + Duration::from_millis(10), 8, 0);
         assert_eq!(names(&taken.batch), vec!["ok"]);
         assert_eq!(names(&taken.expired), vec!["expired"]);
         assert_eq!(names(&taken.cancelled), vec!["gone"]);

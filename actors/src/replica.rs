@@ -17,7 +17,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use cohort_config::{BatchingConfig, ModelConfig};
-use cohort_engines::{concat_maps, split_map, Engine, LoadContext, ModelMetadata, TensorMap};
+use cohort_engines::{
+    concat_maps, split_map, Device, Engine, LoadContext, ModelMetadata, TensorMap, TokenCounter,
+};
 use hdrhistogram::Histogram;
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
@@ -82,6 +84,8 @@ pub struct Pending {
     pub inputs: TensorMap,
     /// The inputs' first dimension.
     pub rows: usize,
+    /// Tokens in the inputs (text models; 0 otherwise).
+    pub tokens: usize,
     pub priority: Priority,
     /// Set when queued.
     pub enqueued: Instant,
@@ -110,6 +114,9 @@ impl QueueItem for Pending {
     }
     fn rows(&self) -> usize {
         self.rows
+    }
+    fn tokens(&self) -> usize {
+        self.tokens
     }
     fn joinable(&self, other: &Self) -> bool {
         self.inputs.len() == other.inputs.len()
@@ -146,7 +153,8 @@ pub struct ReplicaShared {
     pub id: String,
     pub model: String,
     pub version: String,
-    pub device: String,
+    /// The device the replica is pinned to.
+    pub device: Device,
     batching: BatchingConfig,
     state: AtomicU8,
     queue: Mutex<QueueState>,
@@ -159,6 +167,7 @@ pub struct ReplicaShared {
     memory_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
     metadata: OnceLock<Arc<ModelMetadata>>,
+    token_counter: OnceLock<TokenCounter>,
     latency_us: Mutex<Histogram<u64>>,
     metrics: ModelMetrics,
 }
@@ -191,6 +200,7 @@ impl ReplicaShared {
     pub fn new(
         model: &ModelConfig,
         index: usize,
+        device: Device,
         capacity: usize,
         metrics: ModelMetrics,
     ) -> Arc<Self> {
@@ -199,7 +209,7 @@ impl ReplicaShared {
             id: format!("{}-{index}", model.name),
             model: model.name.clone(),
             version: model.version.clone(),
-            device: model.device.clone(),
+            device,
             batching: model.batching.clone(),
             state: AtomicU8::new(ReplicaState::Loading as u8),
             queue: Mutex::new(QueueState {
@@ -215,6 +225,7 @@ impl ReplicaShared {
             memory_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
             metadata: OnceLock::new(),
+            token_counter: OnceLock::new(),
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 600_000_000, 3)
                     .expect("static histogram bounds are valid"),
@@ -251,6 +262,11 @@ impl ReplicaShared {
         self.metadata.get()
     }
 
+    /// Counts a request's tokens, for text models.
+    pub fn count_tokens(&self, inputs: &TensorMap) -> usize {
+        self.token_counter.get().map_or(0, |count| count(inputs))
+    }
+
     /// Times the replica was restarted.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
@@ -276,9 +292,9 @@ impl ReplicaShared {
         let mut q = lock(&self.queue);
         if q.closing {
             drop(q);
-            let err = InferError::NoReplica {
+            let err = InferError::ReplicaStopping {
                 model: self.model.clone(),
-                reason: format!("replica {} is stopping", self.id),
+                replica: self.id.clone(),
             };
             return Err(Box::new((err, p)));
         }
@@ -346,7 +362,7 @@ impl ReplicaShared {
         ReplicaStatus {
             id: self.id.clone(),
             state: self.state(),
-            device: self.device.clone(),
+            device: self.device.to_string(),
             queue_depth,
             queue_capacity,
             in_flight: self.running.load(Ordering::Relaxed),
@@ -386,7 +402,9 @@ impl ReplicaShared {
                     }
                 }
             }
-            let taken = q.queue.take_batch(Instant::now(), max);
+            let taken = q
+                .queue
+                .take_batch(Instant::now(), max, self.batching.max_batch_tokens);
             self.queued.store(q.queue.len(), Ordering::Relaxed);
             self.running.store(taken.batch.len(), Ordering::Relaxed);
             return Some(taken);
@@ -462,6 +480,9 @@ fn engine_thread(
     shared
         .memory_bytes
         .store(engine.memory_bytes(), Ordering::Relaxed);
+    if let Some(counter) = engine.token_counter() {
+        let _ = shared.token_counter.set(counter);
+    }
     shared.set_state(ReplicaState::Ready);
     tracing::info!(
         load_ms = started.elapsed().as_millis() as u64,

@@ -19,6 +19,12 @@
 //! - On [`SupervisorMsg::Shutdown`], children stop in order: the gateway first (it stops
 //!   accepting and finishes what is in flight), then the replicas (each drains its queue),
 //!   then the router.
+//!
+//! The set of replicas is a value: [`SupervisorMsg::SetReplicas`] makes the node run that
+//! many replicas of a model (scale, preload, unload are all this one message, and a
+//! cluster placement decision will be too). Scaling up spawns replicas pinned to the
+//! device the model's `device` policy picks; scaling down first takes a replica out of the
+//! routing table, then lets it drain its queue, and only then forgets it.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -28,7 +34,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cohort_config::{ModelConfig, NodeConfig};
+use cohort_config::{DeviceSpec, EngineKind, ModelConfig, NodeConfig};
+use cohort_engines::{DeviceInfo, LoadContext};
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
@@ -38,11 +45,13 @@ use crate::metrics::Metrics;
 use crate::model_instance::{ModelInstance, ModelInstanceArgs, ModelInstanceMsg};
 use crate::replica::{ReplicaShared, ReplicaState};
 use crate::router::{RouteChange, Router, RouterHandle, RouterMsg};
-use crate::InferError;
+use crate::{ControlError, InferError};
 
 /// What every part of a node shares: its configuration, metrics and routing table.
 pub struct NodeContext {
     pub config: NodeConfig,
+    /// The devices found at start: the CPU, then each GPU.
+    pub devices: Vec<DeviceInfo>,
     pub metrics: Metrics,
     pub router: RouterHandle,
     pub started: Instant,
@@ -55,6 +64,7 @@ impl NodeContext {
     pub fn new(config: NodeConfig) -> Arc<Self> {
         Arc::new(NodeContext {
             config,
+            devices: cohort_engines::device::discover(),
             metrics: Metrics::new(),
             router: RouterHandle::default(),
             started: Instant::now(),
@@ -162,6 +172,19 @@ pub enum SupervisorMsg {
     RestartReplica(String),
     /// Restart the gateway after its backoff.
     RestartGateway,
+    /// Run this many replicas of a model on this node (0 unloads it).
+    SetReplicas {
+        model: String,
+        replicas: usize,
+        reply: RpcReplyPort<Result<(), ControlError>>,
+    },
+    /// Load a model that was unloaded, with as many replicas as it had (at least 1).
+    Preload {
+        model: String,
+        reply: RpcReplyPort<Result<(), ControlError>>,
+    },
+    /// A replica that was scaled away has drained and stopped.
+    ReplicaDrained(String),
     /// Stop everything in order, then answer.
     Shutdown(RpcReplyPort<()>),
     /// Describe the actor tree.
@@ -182,6 +205,9 @@ struct ReplicaSlot {
     failures: VecDeque<Instant>,
 }
 
+/// The most replicas of one model on one node.
+pub const MAX_REPLICAS: usize = 64;
+
 /// The supervisor's state.
 pub struct SupervisorState {
     ctx: Arc<NodeContext>,
@@ -190,6 +216,11 @@ pub struct SupervisorState {
     router: ActorRef<RouterMsg>,
     gateway: Option<ActorCell>,
     gateway_failures: VecDeque<Instant>,
+    /// Desired state of each model (its `replicas` is the desired count).
+    models: HashMap<String, ModelConfig>,
+    /// The replica count a model had before it was unloaded, for preload.
+    last_replicas: HashMap<String, usize>,
+    next_index: HashMap<String, usize>,
     replicas: Vec<ReplicaSlot>,
     children: HashMap<ActorId, Child>,
     stopping: bool,
@@ -205,19 +236,196 @@ impl SupervisorState {
         myself: &ActorRef<SupervisorMsg>,
         id: &str,
     ) -> Result<(), ActorProcessingErr> {
-        let data_dir = self.ctx.config.data_dir.clone();
+        let default_threads = self.onnx_threads();
+        let ctx = Arc::clone(&self.ctx);
         let Some(slot) = self.slot(id) else {
             return Ok(());
+        };
+        let load = LoadContext {
+            data_dir: ctx.config.data_dir.clone(),
+            device: slot.shared.device,
+            ort_library: ctx.config.onnxruntime.library.clone(),
+            default_threads,
         };
         let args = ModelInstanceArgs {
             shared: Arc::clone(&slot.shared),
             model: slot.model.clone(),
-            data_dir,
+            load,
         };
         let (actor, _) = Actor::spawn_linked(None, ModelInstance, args, myself.get_cell()).await?;
         slot.actor = Some(actor.clone());
         self.children
             .insert(actor.get_id(), Child::Replica(id.to_string()));
+        Ok(())
+    }
+
+    /// Intra-op threads for an ONNX replica when its model does not say: the node's cores
+    /// shared among its ONNX replicas, so that they do not oversubscribe the CPU.
+    fn onnx_threads(&self) -> usize {
+        let cores = self.ctx.devices.first().map_or(1, |d| d.cores.max(1));
+        let onnx = self
+            .models
+            .values()
+            .filter(|m| m.engine == EngineKind::Onnx && m.device == "cpu")
+            .map(|m| m.replicas)
+            .sum::<usize>()
+            .max(1);
+        (cores / onnx).max(1)
+    }
+
+    /// Adds one replica of `model`: a new slot in the routing table, pinned to a device,
+    /// and its ModelInstance.
+    async fn add_replica(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        model: &ModelConfig,
+    ) -> Result<(), ActorProcessingErr> {
+        let index = self.next_index.entry(model.name.clone()).or_insert(0);
+        let i = *index;
+        *index += 1;
+        let need = model
+            .resolved_path(&self.ctx.config.data_dir)
+            .and_then(|p| dir_size(&p))
+            .unwrap_or(0);
+        let spec = DeviceSpec::parse(&model.device).unwrap_or(DeviceSpec::Cpu);
+        let device = cohort_engines::device::resolve(spec, &self.ctx.devices, need + need / 2);
+        let shared = ReplicaShared::new(
+            model,
+            i,
+            *device.as_ref().unwrap_or(&cohort_engines::Device::Cpu),
+            self.ctx.config.limits.queue_capacity,
+            self.ctx.metrics.for_model(&model.name),
+        );
+        self.replicas.push(ReplicaSlot {
+            shared: Arc::clone(&shared),
+            model: model.clone(),
+            actor: None,
+            failures: VecDeque::new(),
+        });
+        ractor::call!(self.router, |ack| RouterMsg {
+            change: RouteChange::AddReplica(Arc::clone(&shared)),
+            ack: Some(ack),
+        })?;
+        match device {
+            Ok(_) => self.spawn_replica(myself, &shared.id).await,
+            Err(e) => {
+                tracing::error!(replica = %shared.id, error = %e, "no device for replica");
+                shared.set_last_error(e.to_string());
+                shared.set_state(ReplicaState::Failed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes a replica out of the routing table, then lets it drain in the background;
+    /// [`SupervisorMsg::ReplicaDrained`] forgets it once it has stopped.
+    async fn remove_replica(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        id: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(pos) = self.replicas.iter().position(|s| s.shared.id == id) else {
+            return Ok(());
+        };
+        let model = self.replicas[pos].model.name.clone();
+        ractor::call!(self.router, |ack| RouterMsg {
+            change: RouteChange::RemoveReplica {
+                model: model.clone(),
+                id: id.to_string(),
+            },
+            ack: Some(ack),
+        })?;
+        let slot = &mut self.replicas[pos];
+        match slot.actor.take() {
+            Some(actor) => {
+                self.children.remove(&actor.get_id());
+                slot.shared.set_state(ReplicaState::Draining);
+                let me = myself.clone();
+                let id = id.to_string();
+                tokio::spawn(async move {
+                    let _ = actor.stop_and_wait(Some("scaled down".into()), None).await;
+                    let _ = me.cast(SupervisorMsg::ReplicaDrained(id));
+                });
+            }
+            None => {
+                // Restarting or failed: nothing runs; answer what waits and forget it.
+                let slot = self.replicas.remove(pos);
+                slot.shared.fail_queued(InferError::NoReplica {
+                    model,
+                    reason: format!("replica {id} was removed"),
+                });
+                slot.shared.set_state(ReplicaState::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the node run `want` replicas of `model`.
+    async fn set_replicas(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        model: &str,
+        want: usize,
+    ) -> Result<(), ControlError> {
+        if self.stopping {
+            return Err(ControlError::ShuttingDown);
+        }
+        if want > MAX_REPLICAS {
+            return Err(ControlError::Invalid(format!(
+                "replicas must be between 0 and {MAX_REPLICAS}"
+            )));
+        }
+        let mut config = self
+            .models
+            .get(model)
+            .cloned()
+            .ok_or_else(|| ControlError::ModelNotFound(model.to_string()))?;
+        if config.replicas > 0 {
+            self.last_replicas
+                .insert(model.to_string(), config.replicas);
+        }
+        config.replicas = want;
+        self.models.insert(model.to_string(), config.clone());
+        let internal = |e: ActorProcessingErr| ControlError::Invalid(e.to_string());
+        ractor::call!(self.router, |ack| RouterMsg {
+            change: RouteChange::UpsertModel(config.clone()),
+            ack: Some(ack),
+        })
+        .map_err(|e| internal(e.into()))?;
+        // Replicas that count: not draining, not stopped.
+        let live: Vec<(String, ReplicaState)> = self
+            .replicas
+            .iter()
+            .filter(|s| s.model.name == model)
+            .filter(|s| {
+                !matches!(
+                    s.shared.state(),
+                    ReplicaState::Draining | ReplicaState::Stopped
+                )
+            })
+            .map(|s| (s.shared.id.clone(), s.shared.state()))
+            .collect();
+        if live.len() < want {
+            for _ in live.len()..want {
+                self.add_replica(myself, &config).await.map_err(internal)?;
+            }
+        } else if live.len() > want {
+            // Remove broken replicas first, then the newest.
+            let mut victims = live;
+            victims.sort_by_key(|(id, state)| {
+                let index: usize = id
+                    .rsplit('-')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                (*state == ReplicaState::Ready, std::cmp::Reverse(index))
+            });
+            let excess = victims.len() - want;
+            for (id, _) in victims.into_iter().take(excess) {
+                self.remove_replica(myself, &id).await.map_err(internal)?;
+            }
+        }
+        tracing::info!(model, replicas = want, "replica count set");
         Ok(())
     }
 
@@ -289,6 +497,14 @@ impl Actor for NodeSupervisor {
             router: router.clone(),
             gateway: None,
             gateway_failures: VecDeque::new(),
+            models: ctx
+                .config
+                .all_models()
+                .into_iter()
+                .map(|m| (m.name.clone(), m))
+                .collect(),
+            last_replicas: HashMap::new(),
+            next_index: HashMap::new(),
             replicas: Vec::new(),
             children: HashMap::new(),
             stopping: false,
@@ -296,29 +512,12 @@ impl Actor for NodeSupervisor {
         state.children.insert(router.get_id(), Child::Router);
 
         for model in ctx.config.all_models() {
-            let metrics = ctx.metrics.for_model(&model.name);
             ractor::call!(router, |ack| RouterMsg {
                 change: RouteChange::UpsertModel(model.clone()),
                 ack: Some(ack),
             })?;
-            for i in 0..model.replicas {
-                let shared = ReplicaShared::new(
-                    &model,
-                    i,
-                    ctx.config.limits.queue_capacity,
-                    metrics.clone(),
-                );
-                state.replicas.push(ReplicaSlot {
-                    shared: Arc::clone(&shared),
-                    model: model.clone(),
-                    actor: None,
-                    failures: VecDeque::new(),
-                });
-                ractor::call!(router, |ack| RouterMsg {
-                    change: RouteChange::AddReplica(Arc::clone(&shared)),
-                    ack: Some(ack),
-                })?;
-                state.spawn_replica(&myself, &shared.id).await?;
+            for _ in 0..model.replicas {
+                state.add_replica(&myself, &model).await?;
             }
         }
         state.spawn_gateway(&myself).await?;
@@ -337,8 +536,10 @@ impl Actor for NodeSupervisor {
                 if state.stopping {
                     return Ok(());
                 }
-                if let Some(slot) = state.slot(&id) {
-                    slot.shared.note_restart();
+                match state.slot(&id) {
+                    Some(slot) if slot.actor.is_none() => slot.shared.note_restart(),
+                    // Scaled away while waiting for its restart, or already running.
+                    _ => return Ok(()),
                 }
                 tracing::info!(replica = %id, "restarting replica");
                 if let Err(e) = state.spawn_replica(&myself, &id).await {
@@ -355,6 +556,32 @@ impl Actor for NodeSupervisor {
                 if let Err(e) = state.spawn_gateway(&myself).await {
                     tracing::error!(error = %e, "gateway restart failed");
                     myself.send_after(state.policy.max_backoff, || SupervisorMsg::RestartGateway);
+                }
+            }
+            SupervisorMsg::SetReplicas {
+                model,
+                replicas,
+                reply,
+            } => {
+                let result = state.set_replicas(&myself, &model, replicas).await;
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::Preload { model, reply } => {
+                let result = match state.models.get(&model) {
+                    None => Err(ControlError::ModelNotFound(model)),
+                    Some(m) if m.replicas > 0 => Ok(()),
+                    Some(_) => {
+                        let want = state.last_replicas.get(&model).copied().unwrap_or(1).max(1);
+                        state.set_replicas(&myself, &model, want).await
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            SupervisorMsg::ReplicaDrained(id) => {
+                if let Some(pos) = state.replicas.iter().position(|s| s.shared.id == id) {
+                    let slot = state.replicas.remove(pos);
+                    slot.shared.set_state(ReplicaState::Stopped);
+                    tracing::info!(replica = %id, "replica drained and stopped");
                 }
             }
             SupervisorMsg::Shutdown(reply) => {
@@ -457,6 +684,19 @@ impl Actor for NodeSupervisor {
         }
         Ok(())
     }
+}
+
+/// Bytes of a file, or of every file under a directory (a model's size on disk).
+fn dir_size(path: &std::path::Path) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some(meta.len());
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(path).ok()?.flatten() {
+        total += dir_size(&entry.path()).unwrap_or(0);
+    }
+    Some(total)
 }
 
 #[cfg(test)]

@@ -32,12 +32,12 @@ impl Device {
         match self {
             Device::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => candle_core::Device::new_cuda(*n).map_err(|e| {
-                crate::EngineError::Load {
+            Device::Cuda(n) => {
+                candle_core::Device::new_cuda(*n).map_err(|e| crate::EngineError::Load {
                     path: self.to_string(),
                     reason: e.to_string(),
-                }
-            }),
+                })
+            }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(crate::EngineError::Load {
                 path: self.to_string(),
@@ -80,7 +80,11 @@ fn meminfo() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(name))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kb| kb * 1024)
     };
     Some((field("MemTotal:")?, field("MemAvailable:")?))
 }
@@ -198,7 +202,10 @@ mod tests {
     #[test]
     fn auto_prefers_the_gpu_with_most_free_memory_that_fits() {
         let devs = vec![cpu_info(), gpu(0, 1 << 30), gpu(1, 8 << 30)];
-        assert_eq!(resolve(DeviceSpec::Auto, &devs, 2 << 30), Ok(Device::Cuda(1)));
+        assert_eq!(
+            resolve(DeviceSpec::Auto, &devs, 2 << 30),
+            Ok(Device::Cuda(1))
+        );
         assert_eq!(resolve(DeviceSpec::Auto, &devs, 16 << 30), Ok(Device::Cpu));
         assert_eq!(resolve(DeviceSpec::Auto, &devs[..1], 0), Ok(Device::Cpu));
     }

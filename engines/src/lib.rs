@@ -23,8 +23,10 @@
 //! assert_eq!(out["y"].data, TensorData::F32(vec![1.0, 2.0]));
 //! ```
 
+pub mod bert;
 pub mod device;
 pub mod mlp;
+pub mod onnx;
 pub mod tensor;
 pub mod testing;
 
@@ -225,14 +227,16 @@ fn model_path(model: &ModelConfig, ctx: &LoadContext) -> Result<PathBuf, EngineE
 /// Loads the engine a model's configuration names.
 pub fn load_engine(model: &ModelConfig, ctx: &LoadContext) -> Result<Box<dyn Engine>, EngineError> {
     let engine: Box<dyn Engine> = match model.engine {
-        EngineKind::CandleMlp => Box::new(mlp::CandleMlp::load(&model_path(model, ctx)?, ctx.device)?),
-        // Replaced by the ONNX Runtime and BERT engines as they land.
-        EngineKind::Onnx | EngineKind::CandleBert => {
-            return Err(EngineError::Load {
-                path: model_path(model, ctx)?.display().to_string(),
-                reason: format!("engine {} is missing from this build", model.engine),
-            })
+        EngineKind::CandleMlp => {
+            Box::new(mlp::CandleMlp::load(&model_path(model, ctx)?, ctx.device)?)
         }
+        // Replaced by the ONNX Runtime and BERT engines as they land.
+        EngineKind::CandleBert => Box::new(bert::BertEmbedder::load(
+            &model_path(model, ctx)?,
+            model,
+            ctx,
+        )?),
+        EngineKind::Onnx => Box::new(onnx::load(&model_path(model, ctx)?, model, ctx)?),
         EngineKind::Echo => Box::new(testing::Echo::new()),
         EngineKind::Sleep => Box::new(testing::Sleep::new(std::time::Duration::from_millis(
             model.options.sleep_ms.unwrap_or(0),

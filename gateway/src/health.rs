@@ -69,6 +69,7 @@ pub async fn detailed(State(state): State<AppState>) -> Response {
         "uptime_s": state.ctx.started.elapsed().as_secs_f64(),
         "rss_bytes": rss_bytes(),
         "restarts_total": restarts,
+        "devices": state.ctx.devices,
         "models": models,
         "actors": tree,
     }))

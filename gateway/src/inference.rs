@@ -130,13 +130,15 @@ fn submit(
         .check_inputs(&inputs)
         .map_err(InferError::InvalidInput)?;
 
+    let tokens = replica.count_tokens(&inputs);
     let (tx, rx) = oneshot::channel();
     let now = Instant::now();
     let timeout = Duration::from_millis(timeout_ms);
-    let pending = Pending {
+    let mut pending = Pending {
         request_id: request_id.to_string(),
         inputs,
         rows,
+        tokens,
         priority,
         enqueued: now,
         deadline: now + timeout,
@@ -144,9 +146,24 @@ fn submit(
         reply: tx.into(),
         span: tracing::Span::current(),
     };
-    replica
-        .submit(pending)
-        .map_err(|rejected| ApiError::from(rejected.0))?;
+    // A replica being scaled away refuses new work: pick again (the router no longer
+    // offers it), a few times at most.
+    let mut replica = replica;
+    let mut attempts = 0;
+    loop {
+        match replica.submit(pending) {
+            Ok(()) => break,
+            Err(rejected) => {
+                let (err, back) = *rejected;
+                attempts += 1;
+                if !matches!(err, InferError::ReplicaStopping { .. }) || attempts >= 3 {
+                    return Err(err.into());
+                }
+                pending = back;
+                replica = state.ctx.router.pick(model)?;
+            }
+        }
+    }
     Ok(Queued {
         replica,
         rx,

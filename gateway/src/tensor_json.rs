@@ -123,43 +123,24 @@ pub struct TensorJson<'a>(pub &'a Tensor);
 
 impl Serialize for TensorJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let t = self.0;
-        match &t.data {
-            TensorData::F32(d) => Nested {
-                shape: &t.shape,
-                data: d,
+        let shape = &self.0.shape;
+        match &self.0.data {
+            TensorData::F32(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::F64(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::F16(d) => {
+                let widened: Vec<f32> = d.iter().map(|v| v.to_f32()).collect();
+                Nested {
+                    shape,
+                    data: &widened,
+                }
+                .serialize(s)
             }
-            .serialize(s),
-            TensorData::F64(d) => Nested {
-                shape: &t.shape,
-                data: d,
-            }
-            .serialize(s),
-            TensorData::I64(d) => Nested {
-                shape: &t.shape,
-                data: d,
-            }
-            .serialize(s),
-            TensorData::I32(d) => Nested {
-                shape: &t.shape,
-                data: d,
-            }
-            .serialize(s),
-            TensorData::U8(d) => Nested {
-                shape: &t.shape,
-                data: d,
-            }
-            .serialize(s),
-            TensorData::Bool(d) => Nested {
-                shape: &t.shape,
-                data: d,
-            }
-            .serialize(s),
-            TensorData::String(d) => Nested {
-                shape: &t.shape,
-                data: d,
-            }
-            .serialize(s),
+            TensorData::I64(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::I32(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::I8(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::U8(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::Bool(d) => Nested { shape, data: d }.serialize(s),
+            TensorData::String(d) => Nested { shape, data: d }.serialize(s),
         }
     }
 }
