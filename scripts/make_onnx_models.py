@@ -30,8 +30,10 @@ It writes, into OUTDIR (created if missing):
           {"inputs":  {"x": {"dtype": "f32", "shape": [3, 64], "data": [...]}},
            "outputs": {"y": {"dtype": "f32", "shape": [3, 10], "data": [...]}}}, ...]}, ...}}
 
-  dtypes are Cohort's names (f32, f64, f16, i64, i32, i8, u8, bool); f16 values are written
-  as the (exactly representable) decimal of each half-precision value.
+  dtypes are Cohort's names (f32, f64, f16, i64, i32, i8, u8, bool). f32 values are JSON
+  numbers; f64 and f16 values, which tests compare exactly, are JSON strings holding the
+  shortest decimal that converts back to the exact double (for f16: the exact value of each
+  half-precision number), since some JSON parsers round numbers by one unit in the last place.
 
 Everything is generated from fixed seeds: the same command writes the same files.
 """
@@ -73,9 +75,12 @@ def tensor_json(a):
     a = np.ascontiguousarray(a)
     name = DTYPE_NAMES[a.dtype]
     flat = a.reshape(-1)
-    if name in ("f32", "f64", "f16"):
-        # float() of a float16/float32 is exact in a double; repr round-trips it.
+    if name == "f32":
         data = [float(v) for v in flat]
+    elif name in ("f64", "f16"):
+        # Compared exactly, so written as strings: repr() round-trips a double, and every
+        # reader's string-to-double conversion is exact, unlike some JSON number parsers.
+        data = [repr(float(v)) for v in flat]
     elif name == "bool":
         data = [bool(v) for v in flat]
     else:

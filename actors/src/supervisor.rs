@@ -317,8 +317,9 @@ impl SupervisorState {
         }
     }
 
-    /// Takes a replica out of the routing table, then lets it drain in the background;
-    /// [`SupervisorMsg::ReplicaDrained`] forgets it once it has stopped.
+    /// Marks a replica draining (the router skips it from now on), lets it finish its
+    /// queue in the background, and forgets it once it has stopped
+    /// ([`SupervisorMsg::ReplicaDrained`]). Until then it stays listed, as `draining`.
     async fn remove_replica(
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
@@ -327,14 +328,6 @@ impl SupervisorState {
         let Some(pos) = self.replicas.iter().position(|s| s.shared.id == id) else {
             return Ok(());
         };
-        let model = self.replicas[pos].model.name.clone();
-        ractor::call!(self.router, |ack| RouterMsg {
-            change: RouteChange::RemoveReplica {
-                model: model.clone(),
-                id: id.to_string(),
-            },
-            ack: Some(ack),
-        })?;
         let slot = &mut self.replicas[pos];
         match slot.actor.take() {
             Some(actor) => {
@@ -349,14 +342,32 @@ impl SupervisorState {
             }
             None => {
                 // Restarting or failed: nothing runs; answer what waits and forget it.
-                let slot = self.replicas.remove(pos);
+                let model = slot.model.name.clone();
+                slot.shared.set_state(ReplicaState::Stopped);
                 slot.shared.fail_queued(InferError::NoReplica {
                     model,
                     reason: format!("replica {id} was removed"),
                 });
-                slot.shared.set_state(ReplicaState::Stopped);
+                self.forget_replica(id).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Drops a stopped replica from the routing table and from the supervisor's slots.
+    async fn forget_replica(&mut self, id: &str) -> Result<(), ActorProcessingErr> {
+        let Some(pos) = self.replicas.iter().position(|s| s.shared.id == id) else {
+            return Ok(());
+        };
+        let slot = self.replicas.remove(pos);
+        slot.shared.set_state(ReplicaState::Stopped);
+        ractor::call!(self.router, |ack| RouterMsg {
+            change: RouteChange::RemoveReplica {
+                model: slot.model.name.clone(),
+                id: id.to_string(),
+            },
+            ack: Some(ack),
+        })?;
         Ok(())
     }
 
@@ -578,11 +589,8 @@ impl Actor for NodeSupervisor {
                 let _ = reply.send(result);
             }
             SupervisorMsg::ReplicaDrained(id) => {
-                if let Some(pos) = state.replicas.iter().position(|s| s.shared.id == id) {
-                    let slot = state.replicas.remove(pos);
-                    slot.shared.set_state(ReplicaState::Stopped);
-                    tracing::info!(replica = %id, "replica drained and stopped");
-                }
+                state.forget_replica(&id).await?;
+                tracing::info!(replica = %id, "replica drained and stopped");
             }
             SupervisorMsg::Shutdown(reply) => {
                 state.stopping = true;

@@ -185,12 +185,13 @@ static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 /// The file is checked (it exists, it is a shared library) before ONNX Runtime is asked to
 /// load it, and a library that cannot be loaded leaves the process free to load another.
 pub fn init_runtime(library: &Path) -> Result<Environment, EngineError> {
-    let library = checked_library(library)?;
+    let given = library;
+    let library = checked_library(given)?;
     let mut state = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(rt) = state.as_ref() {
         if rt.library != library {
             return Err(load_error(
-                &library,
+                given,
                 format!(
                     "this process already loaded ONNX Runtime from {}, and cannot switch to \
                      another library; give every model of a node the same onnxruntime.library",
@@ -209,13 +210,13 @@ pub fn init_runtime(library: &Path) -> Result<Environment, EngineError> {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 return Err(load_error(
-                    &library,
+                    given,
                     format!("ONNX Runtime cannot be loaded from this file: {e}; {FIX}"),
                 ))
             }
             Err(panic) => {
                 return Err(load_error(
-                    &library,
+                    given,
                     format!(
                         "loading ONNX Runtime from this file failed: {}; {FIX}",
                         panic_message(&*panic)
@@ -240,13 +241,13 @@ pub fn init_runtime(library: &Path) -> Result<Environment, EngineError> {
         Ok(Ok(env)) => env,
         Ok(Err(e)) => {
             return Err(load_error(
-                &library,
+                given,
                 format!("cannot create the ONNX Runtime environment: {e}"),
             ))
         }
         Err(panic) => {
             return Err(load_error(
-                &library,
+                given,
                 format!(
                     "creating the ONNX Runtime environment failed: {}; {FIX}",
                     panic_message(&*panic)

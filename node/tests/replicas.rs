@@ -1,0 +1,390 @@
+//! Replicas and queueing on one node: scaling with requests in flight, unload and
+//! preload, priorities, dynamic batching, callers that go away, and device pinning.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_config::{EngineKind, ModelConfig};
+use common::*;
+use serde_json::{json, Value};
+
+async fn replicas_of(n: &TestNode, model: &str) -> Vec<Value> {
+    let (_, m) = n.get(&format!("/api/v1/models/{model}")).await;
+    m["replicas"].as_array().cloned().unwrap_or_default()
+}
+
+/// Sends requests to `model` in a loop until `stop` is set; returns (ok, failures).
+fn load_loop(
+    n: &TestNode,
+    model: &str,
+    stop: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let http = n.http.clone();
+    let url = format!("{}/api/v1/models/{model}/infer", n.url);
+    tokio::spawn(async move {
+        let mut ok = 0;
+        let mut failures = Vec::new();
+        let mut i = 0u32;
+        while stop.load(Ordering::Relaxed) == 0 && i < 5000 {
+            i += 1;
+            let v = i as f32;
+            let res = http.post(&url).json(&echo_body(&[v])).send().await;
+            match res {
+                Ok(r) if r.status() == 200 => {
+                    let b: Value = r.json().await.unwrap_or(Value::Null);
+                    if b["outputs"]["y"] == json!([[v]]) {
+                        ok += 1;
+                    } else {
+                        failures.push(format!("wrong answer {b}"));
+                    }
+                }
+                Ok(r) => failures.push(format!(
+                    "{} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        (ok, failures)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_up_and_down_under_load_loses_no_request() {
+    let mut slow = sleep_model("slow", 5);
+    slow.batching.max_batch_size = 4;
+    let n = start(vec![slow]).await;
+    let stop = Arc::new(AtomicUsize::new(0));
+    let loops: Vec<_> = (0..6)
+        .map(|_| load_loop(&n, "slow", Arc::clone(&stop)))
+        .collect();
+
+    let (s, _, b) = n
+        .post("/api/v1/models/slow/scale", &json!({"replicas": 4}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["replicas_desired"], 4);
+    let n_ref = &n;
+    let four_ready = || async move {
+        let r = replicas_of(n_ref, "slow").await;
+        r.len() == 4 && r.iter().all(|x| x["state"] == "ready")
+    };
+    assert!(eventually(Duration::from_secs(10), four_ready).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (s, _, b) = n
+        .post("/api/v1/models/slow/scale", &json!({"replicas": 1}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let one_left = || async move {
+        let r = replicas_of(n_ref, "slow").await;
+        r.len() == 1 && r[0]["state"] == "ready"
+    };
+    assert!(eventually(Duration::from_secs(10), one_left).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(1, Ordering::Relaxed);
+
+    let mut total = 0;
+    for l in loops {
+        let (ok, failures) = l.await.expect("task");
+        assert!(failures.is_empty(), "lost or failed requests: {failures:?}");
+        total += ok;
+    }
+    assert!(total > 0);
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_drains_queued_requests() {
+    let mut slow = sleep_model("slow", 100);
+    slow.batching.max_batch_size = 1;
+    slow.replicas = 2;
+    let n = start(vec![slow]).await;
+    // Six requests spread over two replicas: each holds about three, 100 ms apiece.
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let http = n.http.clone();
+        let url = format!("{}/api/v1/models/slow/infer", n.url);
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&echo_body(&[i as f32]))
+                .send()
+                .await
+                .expect("sent");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.expect("json"),
+                i,
+            )
+        }));
+    }
+    let n_ref = &n;
+    let queued = || async move {
+        let r = replicas_of(n_ref, "slow").await;
+        r.iter().all(|x| {
+            x["queue_depth"].as_u64().unwrap_or(0) + x["in_flight"].as_u64().unwrap_or(0) >= 1
+        })
+    };
+    assert!(eventually(Duration::from_secs(5), queued).await);
+    let (s, _, b) = n
+        .post("/api/v1/models/slow/scale", &json!({"replicas": 1}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let states: Vec<Value> = b["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["state"].clone())
+        .collect();
+    assert!(states.contains(&json!("draining")), "{states:?}");
+    for t in tasks {
+        let (status, body, i) = t.await.expect("task");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["outputs"]["y"], json!([[i as f32]]));
+    }
+    let one = || async move { replicas_of(n_ref, "slow").await.len() == 1 };
+    assert!(eventually(Duration::from_secs(5), one).await);
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_then_preload() {
+    let n = start(vec![]).await;
+    let (s, _, b) = n.post("/api/v1/models/mlp/unload", &json!({})).await;
+    assert_eq!(s, 200, "{b}");
+    let n_ref = &n;
+    let gone = || async move {
+        let (_, m) = n_ref.get("/api/v1/models/mlp").await;
+        m["state"] == "unloaded" && m["replicas"].as_array().is_some_and(|r| r.is_empty())
+    };
+    assert!(eventually(Duration::from_secs(5), gone).await);
+    let x: Vec<f32> = vec![0.5; 64];
+    let (s, _, b) = n.infer("mlp", &json!({"inputs": {"x": [x]}})).await;
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(b["error"]["code"], "NO_REPLICA");
+    let (s, _) = n.get("/readyz").await;
+    assert_eq!(s, 200, "an unloaded model does not make the node unready");
+
+    let (s, _, b) = n.post("/api/v1/models/mlp/preload", &json!({})).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["state"], "ready");
+    assert_eq!(
+        b["replicas_desired"], 2,
+        "preload restores the replica count"
+    );
+    let (s, _, _) = n.infer("mlp", &json!({"inputs": {"x": [x]}})).await;
+    assert_eq!(s, 200);
+
+    // Bad requests to the controls.
+    let (s, _, b) = n
+        .post("/api/v1/models/mlp/scale", &json!({"replicas": 1000}))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("INVALID_INPUT"))
+    );
+    let (s, _, _) = n
+        .post("/api/v1/models/mlp/scale", &json!({"replica": 1}))
+        .await;
+    assert_eq!(s, 400);
+    let (s, _, b) = n
+        .post("/api/v1/models/nope/scale", &json!({"replicas": 1}))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("MODEL_NOT_FOUND"))
+    );
+    let (s, _, _) = n.post("/api/v1/models/nope/preload", &json!({})).await;
+    assert_eq!(s, 404);
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_goes_first_through_the_engine() {
+    let mut slow = sleep_model("slow", 150);
+    slow.batching.max_batch_size = 1;
+    slow.batching.priority_aging_ms = 60_000;
+    let n = start(vec![slow]).await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |priority: &'static str| {
+        let http = n.http.clone();
+        let url = format!("{}/api/v1/models/slow/infer", n.url);
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"inputs": {"x": [[1.0]]}, "priority": priority}))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(r.status(), 200);
+            order.lock().expect("lock").push(priority);
+        })
+    };
+    let n_ref = &n;
+    let depth_is = |d: u64| async move {
+        let r = replicas_of(n_ref, "slow").await;
+        r[0]["queue_depth"].as_u64() == Some(d)
+    };
+    // The first request occupies the engine; the others queue in the order low, normal, high.
+    let first = send("normal");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            replicas_of(n_ref, "slow").await[0]["in_flight"] == 1
+        })
+        .await
+    );
+    let mut tasks = vec![first];
+    for (i, p) in ["low", "normal", "high"].into_iter().enumerate() {
+        tasks.push(send(p));
+        assert!(eventually(Duration::from_secs(5), || depth_is(i as u64 + 1)).await);
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let order = order.lock().expect("lock").clone();
+    assert_eq!(order, vec!["normal", "high", "normal", "low"]);
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_batching_joins_concurrent_requests() {
+    let mut e = ModelConfig::new("batched", EngineKind::Echo);
+    e.batching.max_batch_size = 8;
+    e.batching.max_queue_delay_us = 200_000;
+    let n = start(vec![e]).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let http = n.http.clone();
+        let url = format!("{}/api/v1/models/batched/infer", n.url);
+        tasks.push(tokio::spawn(async move {
+            let r: Value = http
+                .post(url)
+                .json(&echo_body(&[i as f32, -(i as f32)]))
+                .send()
+                .await
+                .expect("sent")
+                .json()
+                .await
+                .expect("json");
+            (i, r)
+        }));
+    }
+    let mut sizes = Vec::new();
+    for t in tasks {
+        let (i, r) = t.await.expect("task");
+        assert_eq!(
+            r["outputs"]["y"],
+            json!([[i as f32, -(i as f32)]]),
+            "order kept: {r}"
+        );
+        sizes.push(r["batch_size"].as_u64().unwrap_or(0));
+    }
+    // Sent together within the 200 ms window: most share one engine call.
+    assert!(sizes.iter().max() >= Some(&4), "batch sizes {sizes:?}");
+    let (_, text) = n.get_text("/metrics").await;
+    assert!(text.contains("cohort_batch_size_bucket{model=\"batched\""));
+    assert!(text.contains("cohort_queue_duration_seconds_bucket{model=\"batched\""));
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_caller_left_are_dropped_before_compute() {
+    let mut slow = sleep_model("slow", 300);
+    slow.batching.max_batch_size = 1;
+    let n = start(vec![slow]).await;
+    let http = n.http.clone();
+    let url = format!("{}/api/v1/models/slow/infer", n.url);
+    let first = tokio::spawn(async move { http.post(url).json(&echo_body(&[1.0])).send().await });
+    let n_ref = &n;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            replicas_of(n_ref, "slow").await[0]["in_flight"] == 1
+        })
+        .await
+    );
+    // This caller gives up after 50 ms, while its request is still queued.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .expect("client");
+    let r = impatient
+        .post(format!("{}/api/v1/models/slow/infer", n.url))
+        .json(&echo_body(&[2.0]))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    assert_eq!(first.await.expect("task").expect("sent").status(), 200);
+    // The engine served only the first; the abandoned one never reached it.
+    let done = || async {
+        let r = replicas_of(n_ref, "slow").await;
+        r[0]["queue_depth"] == 0 && r[0]["in_flight"] == 0
+    };
+    assert!(eventually(Duration::from_secs(5), done).await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = replicas_of(&n, "slow").await;
+    assert_eq!(r[0]["served"], 1, "{r:?}");
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_pinned_to_devices_and_a_missing_gpu_is_a_clear_failure() {
+    let mut gpu = ModelConfig::new("on-gpu", EngineKind::Echo);
+    gpu.device = "cuda:7".into();
+    let mut auto = ModelConfig::new("anywhere", EngineKind::Echo);
+    auto.device = "auto".into();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config(&dir);
+    cfg.models = vec![gpu, auto];
+    let node = cohort_actors::start(cfg, Arc::new(cohort_gateway::HttpGateway), fast_policy())
+        .await
+        .expect("node starts");
+    let url = format!("http://{}", node.ctx().http_addr().expect("bound"));
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let http = http.clone();
+        let u = format!("{url}{path}");
+        async move {
+            http.get(u)
+                .send()
+                .await
+                .expect("sent")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let m = get("/api/v1/models/on-gpu").await;
+    assert_eq!(m["replicas"][0]["state"], "failed");
+    assert!(
+        m["replicas"][0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cuda:7"),
+        "{m}"
+    );
+    // `auto` falls back to the CPU on a machine without GPUs and serves.
+    let ready = || async {
+        let m = get("/api/v1/models/anywhere").await;
+        m["replicas"][0]["state"] == "ready"
+    };
+    assert!(eventually(Duration::from_secs(5), ready).await);
+    let m = get("/api/v1/models/anywhere").await;
+    assert_eq!(m["replicas"][0]["device"], "cpu");
+    let h = get("/api/v1/health/detailed").await;
+    assert_eq!(h["devices"][0]["id"], "cpu");
+    assert!(h["devices"][0]["cores"].as_u64() >= Some(1));
+    let r = http
+        .post(format!("{url}/api/v1/models/mlp/infer"))
+        .json(&json!({"inputs": {"x": [vec![0.0f32; 64]]}}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200, "the rest of the node serves");
+    node.shutdown().await;
+}
