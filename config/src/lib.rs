@@ -315,6 +315,7 @@ pub struct EngineOptions {
 pub struct Overrides {
     pub node_name: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub models_dir: Option<PathBuf>,
     pub http_addr: Option<SocketAddr>,
 }
 
@@ -322,6 +323,7 @@ pub struct Overrides {
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("COHORT_NODE_NAME", "node_name"),
     ("COHORT_DATA_DIR", "data_dir"),
+    ("COHORT_MODELS_DIR", "models_dir"),
     ("COHORT_HTTP_ADDR", "http_addr"),
     ("COHORT_BUILTIN_MODELS", "builtin_models"),
     ("COHORT_MAX_BODY_BYTES", "limits.max_body_bytes"),
@@ -378,6 +380,7 @@ impl NodeConfig {
             match *field {
                 "node_name" => self.node_name = value.clone(),
                 "data_dir" => self.data_dir = PathBuf::from(&value),
+                "models_dir" => self.models_dir = Some(PathBuf::from(&value)),
                 "http_addr" => {
                     self.http_addr = value.trim().parse().map_err(|e| {
                         bad(format!("{e} (expected host:port, e.g. 127.0.0.1:8080)"))
@@ -407,6 +410,9 @@ impl NodeConfig {
         }
         if let Some(v) = &o.data_dir {
             self.data_dir = v.clone();
+        }
+        if let Some(v) = &o.models_dir {
+            self.models_dir = Some(v.clone());
         }
         if let Some(v) = o.http_addr {
             self.http_addr = v;

@@ -453,6 +453,7 @@ fn child_process_checks() {
         }
     };
     assert_library_error(&e, &bad);
+    println!("wrong library: {e}");
     let e = onnx::load(&file, &config("tiny", &file), &ctx).unwrap_err();
     assert_library_error(&e, &bad);
 
@@ -469,6 +470,7 @@ fn child_process_checks() {
     if bad.is_file() {
         let e = onnx::init_runtime(&bad).unwrap_err().to_string();
         assert!(e.contains("already loaded"), "{e}");
+        println!("switching libraries: {e}");
     }
     println!("child checks passed");
 }

@@ -42,10 +42,12 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run one node with the built-in demo models (mlp, echo) and any models in --config.
+    /// Run one node with the built-in demo models (mlp, echo, and minilm when its files are
+    /// in the models dir) and any models in --config.
     ///
     /// Settings come from the config file, then COHORT_* environment variables
-    /// (COHORT_HTTP_ADDR, COHORT_DATA_DIR, COHORT_NODE_NAME, COHORT_QUEUE_CAPACITY,
+    /// (COHORT_HTTP_ADDR, COHORT_DATA_DIR, COHORT_MODELS_DIR, COHORT_NODE_NAME,
+    /// COHORT_QUEUE_CAPACITY, COHORT_ORT_LIB,
     /// COHORT_MAX_BODY_BYTES, COHORT_MAX_BATCH_ITEMS, COHORT_REQUEST_TIMEOUT_MS,
     /// COHORT_BUILTIN_MODELS), then these flags; each layer overrides the one before.
     Up(UpArgs),
@@ -63,6 +65,11 @@ struct UpArgs {
     /// <data-dir>/models/mlp.safetensors on first start [default: ./cohort-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Where model directories are looked for; `minilm` is served when
+    /// <models-dir>/all-MiniLM-L6-v2 holds its files (scripts/fetch_minilm.sh puts them
+    /// there) [default: <data-dir>/models].
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
     /// TOML configuration file (see docs/operations.md); unknown keys are rejected.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -105,6 +112,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         node_name: args.name,
         data_dir: args.data_dir,
+        models_dir: args.models_dir,
         http_addr: args.http_addr,
     };
     let config = NodeConfig::load(args.config.as_deref(), std::env::vars(), &overrides)?;
