@@ -66,6 +66,6 @@ pub enum NodeError {
     Builtin(#[from] cohort_engines::EngineError),
     #[error("cannot start actor {actor}: {reason}")]
     Spawn { actor: &'static str, reason: String },
-    #[error("cannot bind HTTP address {addr}: {reason}")]
-    Bind { addr: String, reason: String },
+    #[error("{0}")]
+    Startup(String),
 }

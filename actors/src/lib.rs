@@ -84,12 +84,19 @@ pub async fn start(
         gateway,
         policy,
     };
-    let (supervisor, join) = Actor::spawn(None, NodeSupervisor, args)
-        .await
-        .map_err(|e| NodeError::Spawn {
-            actor: "NodeSupervisor",
-            reason: e.to_string(),
-        })?;
+    let (supervisor, join) = match Actor::spawn(None, NodeSupervisor, args).await {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            // A clear reason recorded by the part that failed beats ractor's nested text.
+            return Err(match ctx.take_startup_error() {
+                Some(reason) => NodeError::Startup(reason),
+                None => NodeError::Spawn {
+                    actor: "NodeSupervisor",
+                    reason: e.to_string(),
+                },
+            });
+        }
+    };
     Ok(Node {
         ctx,
         supervisor,
@@ -108,14 +115,20 @@ impl Node {
         &self.supervisor
     }
 
-    /// Waits until every model that should run has a ready replica, or `timeout` passes.
+    /// Waits until every model that should run has a ready replica (true), or until
+    /// start-up has settled with some model failed, `timeout` passes, or the node stops
+    /// (false).
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.ctx.router.snapshot().all_ready() {
+            let table = self.ctx.router.snapshot();
+            if table.all_ready() {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            if table.settled() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= deadline || self.is_stopped() {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -126,6 +139,11 @@ impl Node {
     pub async fn shutdown(self) {
         let _ = ractor::call!(self.supervisor, SupervisorMsg::Shutdown);
         let _ = self.join.await;
+    }
+
+    /// Whether the node's supervisor has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.join.is_finished()
     }
 
     /// Waits until the node stops by itself (its supervisor gave up).

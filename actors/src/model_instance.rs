@@ -48,6 +48,9 @@ pub enum ModelInstanceMsg {
     Status(RpcReplyPort<ReplicaStatus>),
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for ModelInstanceMsg {}
+
 /// The actor's state.
 pub struct InstanceState {
     shared: Arc<ReplicaShared>,

@@ -556,7 +556,10 @@ fn run_batch(
             }
         },
         Ok(Err(e)) => {
-            let err = InferError::InferenceFailed(e.to_string());
+            let err = InferError::InferenceFailed(match e {
+                cohort_engines::EngineError::Inference(msg) => msg,
+                other => other.to_string(),
+            });
             (vec![Err(err); size], None)
         }
         Err(p) => {

@@ -53,6 +53,19 @@ impl RoutingTable {
             .all(|m| m.config.replicas == 0 || m.replicas.iter().any(|r| r.is_ready()))
     }
 
+    /// Whether start-up has settled: every model that should run has a ready replica or
+    /// has only failed ones (which will not become ready by waiting).
+    pub fn settled(&self) -> bool {
+        self.models.values().all(|m| {
+            m.config.replicas == 0
+                || m.replicas.iter().any(|r| r.is_ready())
+                || (!m.replicas.is_empty()
+                    && m.replicas
+                        .iter()
+                        .all(|r| r.state() == crate::ReplicaState::Failed))
+        })
+    }
+
     /// Picks a ready replica of `model`: two at random, the less loaded one wins.
     pub fn pick(&self, model: &str) -> Result<Arc<ReplicaShared>, InferError> {
         let route = self
@@ -127,6 +140,9 @@ pub struct RouterMsg {
     pub change: RouteChange,
     pub ack: Option<RpcReplyPort<()>>,
 }
+
+// Local only: never sent to another node.
+impl ractor::Message for RouterMsg {}
 
 /// Changes to the routing table.
 pub enum RouteChange {

@@ -56,6 +56,7 @@ pub struct NodeContext {
     pub router: RouterHandle,
     pub started: Instant,
     http_addr: Mutex<Option<SocketAddr>>,
+    startup_error: Mutex<Option<String>>,
     shutting_down: AtomicBool,
 }
 
@@ -69,6 +70,7 @@ impl NodeContext {
             router: RouterHandle::default(),
             started: Instant::now(),
             http_addr: Mutex::new(None),
+            startup_error: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
         })
     }
@@ -81,6 +83,19 @@ impl NodeContext {
     /// Called by the gateway once bound.
     pub fn set_http_addr(&self, addr: SocketAddr) {
         *self.http_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    }
+
+    /// Records why start-up failed, in words for the operator.
+    pub fn set_startup_error(&self, reason: String) {
+        *self.startup_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// The recorded start-up failure, if any.
+    pub fn take_startup_error(&self) -> Option<String> {
+        self.startup_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Whether the node is shutting down.
@@ -190,6 +205,9 @@ pub enum SupervisorMsg {
     /// Describe the actor tree.
     Tree(RpcReplyPort<ActorNode>),
 }
+
+// Local only: never sent to another node.
+impl ractor::Message for SupervisorMsg {}
 
 #[derive(Debug, Clone)]
 enum Child {

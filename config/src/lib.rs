@@ -32,7 +32,7 @@ pub const CONFIG_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -267,7 +267,8 @@ impl ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingConfig {
-    /// Most requests in one engine call (1 turns batching off).
+    /// Most rows (the inputs' first dimension, summed over the requests) in one engine
+    /// call; a request of more rows still runs, alone. 1 turns batching off.
     pub max_batch_size: usize,
     /// Longest wait for a batch to fill once its first request is queued, as Triton's
     /// `max_queue_delay_microseconds`. 0: take what is queued and go.

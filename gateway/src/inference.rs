@@ -196,6 +196,13 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 
 fn record(state: &AppState, model: &str, endpoint: &str, status: StatusCode, started: Instant) {
     let m = &state.ctx.metrics;
+    // Only served models become label values: a client cannot grow the metrics by
+    // inventing model names.
+    let model = if state.ctx.router.snapshot().get(model).is_some() {
+        model
+    } else {
+        "_unknown"
+    };
     m.requests
         .with_label_values(&[model, endpoint, status.as_str()])
         .inc();
@@ -274,7 +281,7 @@ async fn run_batch(
     model: &str,
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Value, ApiError> {
+) -> Result<BatchResponse, ApiError> {
     let body = json_body(headers, body)?;
     let parsed: BatchBody = parse_body(&body)?;
     let max = state.ctx.config.limits.max_batch_items;
@@ -325,26 +332,66 @@ async fn run_batch(
         }
     }
     let succeeded = results.iter().filter(|r| r.is_ok()).count();
-    let items: Vec<Value> = results
+    let items = results
         .into_iter()
         .enumerate()
         .map(|(index, r)| match r {
-            Ok(out) => json!({
-                "index": index,
-                "ok": true,
-                "outputs": TensorMapJson(&out.outputs),
-                "replica": out.replica,
-                "timing": {"queue_us": out.queue_us, "compute_us": out.compute_us},
-            }),
-            Err(e) => json!({"index": index, "ok": false, "error": e.item_json()}),
+            Ok(out) => BatchItem {
+                index,
+                ok: true,
+                timing: Some(json!({"queue_us": out.queue_us, "compute_us": out.compute_us})),
+                replica: Some(out.replica),
+                outputs: Some(OwnedOutputs(out.outputs)),
+                error: None,
+            },
+            Err(e) => BatchItem {
+                index,
+                ok: false,
+                outputs: None,
+                replica: None,
+                timing: None,
+                error: Some(e.item_json()),
+            },
         })
         .collect();
-    Ok(json!({
-        "request_id": &*rid.0,
-        "model": model,
-        "summary": {"total": total, "succeeded": succeeded, "failed": total - succeeded},
-        "results": items,
-    }))
+    Ok(BatchResponse {
+        request_id: rid.0.to_string(),
+        model: model.to_string(),
+        summary: json!({"total": total, "succeeded": succeeded, "failed": total - succeeded}),
+        results: items,
+    })
+}
+
+/// Outputs owned by a batch item, written like [`TensorMapJson`] (floats in their
+/// shortest form).
+struct OwnedOutputs(TensorMap);
+
+impl Serialize for OwnedOutputs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        TensorMapJson(&self.0).serialize(s)
+    }
+}
+
+#[derive(Serialize)]
+struct BatchItem {
+    index: usize,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outputs: Option<OwnedOutputs>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timing: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct BatchResponse {
+    request_id: String,
+    model: String,
+    summary: Value,
+    results: Vec<BatchItem>,
 }
 
 #[cfg(test)]

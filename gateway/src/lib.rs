@@ -84,7 +84,15 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().simple().to_string()));
     req.extensions_mut().insert(RequestId(Arc::clone(&id)));
     let span = tracing::debug_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut res = tracing::Instrument::instrument(next.run(req), span).await;
+    let started = std::time::Instant::now();
+    let mut res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = res.status().as_u16(),
+            us = started.elapsed().as_micros() as u64,
+            "request done"
+        )
+    });
     let pending = res.extensions_mut().remove::<PendingError>().or_else(|| {
         (res.status() == StatusCode::METHOD_NOT_ALLOWED)
             .then_some(PendingError(ApiError::MethodNotAllowed))
@@ -169,6 +177,9 @@ pub enum GatewayMsg {
     ServerExited(String),
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for GatewayMsg {}
+
 /// The GatewayActor's state.
 pub struct GatewayState {
     addr: SocketAddr,
@@ -191,9 +202,14 @@ impl Actor for GatewayActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         // On a restart, bind the port the node already announced.
         let addr = args.ctx.http_addr().unwrap_or(args.ctx.config.http_addr);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot bind HTTP address {addr}: {e}"))?;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = format!("cannot listen for HTTP on {addr}: {e}");
+                args.ctx.set_startup_error(reason.clone());
+                return Err(reason.into());
+            }
+        };
         let addr = listener.local_addr()?;
         args.ctx.set_http_addr(addr);
         let app = app(AppState {

@@ -91,11 +91,21 @@ fn flatten(
         )
     };
     match out {
-        TensorData::F32(d) => d.push(v.as_f64().ok_or_else(|| wrong("number"))? as f32),
+        TensorData::F32(d) => {
+            let x = v.as_f64().ok_or_else(|| wrong("number"))? as f32;
+            if !x.is_finite() {
+                return Err(wrong("finite f32"));
+            }
+            d.push(x)
+        }
         TensorData::F64(d) => d.push(v.as_f64().ok_or_else(|| wrong("number"))?),
-        TensorData::F16(d) => d.push(half::f16::from_f64(
-            v.as_f64().ok_or_else(|| wrong("number"))?,
-        )),
+        TensorData::F16(d) => {
+            let x = half::f16::from_f64(v.as_f64().ok_or_else(|| wrong("number"))?);
+            if !x.is_finite() {
+                return Err(wrong("finite f16"));
+            }
+            d.push(x)
+        }
         TensorData::I8(d) => d.push(
             v.as_i64()
                 .and_then(|x| i8::try_from(x).ok())
@@ -223,6 +233,8 @@ mod tests {
         assert!(e.reason.contains("integer"), "{}", e.reason);
         let e = tensor_from_json(&spec(DType::U8), &json!([[300]])).unwrap_err();
         assert!(e.reason.contains("0..255"), "{}", e.reason);
+        let e = tensor_from_json(&spec(DType::F32), &json!([[1e300]])).unwrap_err();
+        assert!(e.reason.contains("finite"), "{}", e.reason);
         let deep = json!([[[[[[[[[[1]]]]]]]]]]);
         assert!(tensor_from_json(&spec(DType::F32), &deep).is_err());
     }

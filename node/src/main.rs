@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_config::{NodeConfig, Overrides};
@@ -82,33 +84,61 @@ struct UpArgs {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, bad_filter) = match std::env::var("RUST_LOG") {
+        Ok(spec) => match tracing_subscriber::EnvFilter::try_new(&spec) {
+            Ok(f) => (f, None),
+            Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some((spec, e))),
+        },
+        Err(_) => (tracing_subscriber::EnvFilter::new("info"), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    if let Some((spec, e)) = bad_filter {
+        tracing::warn!(rust_log = %spec, error = %e, "RUST_LOG is not a valid filter; logging at info");
+    }
+    // Panics (an engine's, say) go through the log too, in the log's format.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(thread = thread.name().unwrap_or("unnamed"), panic = %info, "panic");
+    }));
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("cohort-worker")
         .build()
-        .context("cannot start the tokio runtime")?;
-    match cli.command {
-        Command::Up(args) => runtime.block_on(up(args)),
-        Command::Bench(args) => runtime.block_on(bench::run(args)),
+        .context("cannot start the tokio runtime")
+        .and_then(|runtime| match cli.command {
+            Command::Up(args) => runtime.block_on(up(args)),
+            Command::Bench(args) => runtime.block_on(bench::run(args)),
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, without a backtrace: these are the user's errors.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Listen for signals from the start, so that a stop during start-up is clean too.
+    let (signalled_tx, mut signalled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signalled_tx.send(true);
+    });
     let overrides = Overrides {
         node_name: args.name,
         data_dir: args.data_dir,
@@ -123,7 +153,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let node = cohort_actors::start(
+    let mut node = cohort_actors::start(
         config,
         Arc::new(cohort_gateway::HttpGateway),
         cohort_actors::RestartPolicy::default(),
@@ -134,8 +164,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .ctx()
         .http_addr()
         .context("the gateway did not report its address")?;
-    let ready = node.wait_ready(Duration::from_secs(30)).await;
     let url = format!("http://{addr}");
+    let ready = tokio::select! {
+        ready = node.wait_ready(Duration::from_secs(30)) => ready,
+        _ = signalled.wait_for(|s| *s) => {
+            tracing::info!("stopped during start-up");
+            node.shutdown().await;
+            return Ok(());
+        }
+    };
+    if node.is_stopped() {
+        anyhow::bail!("the node stopped during start-up (see the log)");
+    }
     if ready {
         tracing::info!(ms = started.elapsed().as_millis() as u64, "ready");
     } else {
@@ -149,10 +189,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  bench:   cohort bench --url {url} --model mlp");
     println!("Press Ctrl-C to stop.");
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    node.shutdown().await;
-    Ok(())
+    tokio::select! {
+        _ = signalled.wait_for(|s| *s) => {
+            tracing::info!("shutting down: finishing in-flight requests");
+            node.shutdown().await;
+            Ok(())
+        }
+        _ = node.stopped() => anyhow::bail!("the node stopped: its supervisor gave up (see the log)"),
+    }
 }
 
 async fn shutdown_signal() {
