@@ -71,6 +71,73 @@ pub fn prepare_builtin_models(config: &NodeConfig) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// The shared secret of the cluster: from `cluster.cookie_file`, else `COHORT_COOKIE`; a
+/// node that bootstraps on loopback without either makes up its own (nobody else can
+/// join it anyway).
+pub fn resolve_cookie(config: &NodeConfig) -> Result<String, NodeError> {
+    let c = &config.cluster;
+    if let Some(path) = &c.cookie_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            NodeError::Startup(format!(
+                "cannot read the cookie file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let cookie = text.trim().to_string();
+        if cookie.is_empty() {
+            return Err(NodeError::Startup(format!(
+                "the cookie file {} is empty",
+                path.display()
+            )));
+        }
+        return Ok(cookie);
+    }
+    if let Ok(cookie) = std::env::var("COHORT_COOKIE") {
+        if !cookie.trim().is_empty() {
+            return Ok(cookie.trim().to_string());
+        }
+    }
+    if c.join.is_none() && c.cluster_addr.ip().is_loopback() {
+        return Ok(format!(
+            "{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        ));
+    }
+    Err(NodeError::Startup(
+        "a cluster cookie is required: give --cookie-file FILE (or cluster.cookie_file) or set COHORT_COOKIE"
+            .into(),
+    ))
+}
+
+fn cluster_config(ctx: &NodeContext) -> Result<cohort_cluster::ClusterConfig, NodeError> {
+    let cfg = &ctx.config;
+    let http = cfg.http_addr.to_string();
+    let mut c = cohort_cluster::ClusterConfig::new(
+        &cfg.node_name,
+        cfg.cluster.cluster_addr,
+        &http,
+        &cfg.data_dir,
+    );
+    c.join = cfg.cluster.join.clone();
+    c.cookie = resolve_cookie(cfg)?;
+    c.tick = Duration::from_millis(cfg.cluster.tick_ms);
+    c.down_after = Duration::from_millis(cfg.cluster.down_after_ms);
+    c.snapshot_threshold = cfg.cluster.snapshot_threshold;
+    c.join_timeout = Duration::from_millis(cfg.cluster.join_timeout_ms);
+    c.devices = ctx
+        .devices
+        .iter()
+        .map(|d| cohort_cluster::DeviceRecord {
+            id: d.id.clone(),
+            kind: d.kind.to_string(),
+            name: d.name.clone(),
+            total_memory: d.total_memory,
+        })
+        .collect();
+    Ok(c)
+}
+
 /// Starts a node: prepares the built-in models, then spawns the actor tree.
 pub async fn start(
     config: NodeConfig,
@@ -79,8 +146,10 @@ pub async fn start(
 ) -> Result<Node, NodeError> {
     prepare_builtin_models(&config)?;
     let ctx = NodeContext::new(config);
+    let cluster = cluster_config(&ctx)?;
     let args = SupervisorArgs {
         ctx: Arc::clone(&ctx),
+        cluster,
         gateway,
         policy,
     };

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! NodeSupervisor
+//! ├── NodeServer        ractor_cluster membership (crate cohort-cluster)
+//! ├── RaftActor         Raft over sled; the replicated ClusterState
 //! ├── Router            the routing table's only writer
 //! ├── GatewayActor      the HTTP server (spawned through a GatewayFactory)
 //! └── ModelInstance × N one per replica
@@ -16,6 +18,9 @@
 //! - A GatewayActor that fails is restarted with the same backoff, on the address it had.
 //! - A Router that fails is restarted at once; the table it publishes survives in the
 //!   RouterHandle.
+//! - If the NodeServer or the RaftActor fails, the supervisor stops the node: Raft state
+//!   is rebuilt from the sled log when the process is started again, which is safer than
+//!   restarting Raft inside a process in an unknown state.
 //! - On [`SupervisorMsg::Shutdown`], children stop in order: the gateway first (it stops
 //!   accepting and finishes what is in flight), then the replicas (each drains its queue),
 //!   then the router.
@@ -50,6 +55,8 @@ use crate::{ControlError, InferError};
 /// What every part of a node shares: its configuration, metrics and routing table.
 pub struct NodeContext {
     pub config: NodeConfig,
+    /// The node's cluster membership (set once started).
+    pub cluster: std::sync::OnceLock<cohort_cluster::ClusterHandle>,
     /// The devices found at start: the CPU, then each GPU.
     pub devices: Vec<DeviceInfo>,
     pub metrics: Metrics,
@@ -65,6 +72,7 @@ impl NodeContext {
     pub fn new(config: NodeConfig) -> Arc<Self> {
         Arc::new(NodeContext {
             config,
+            cluster: std::sync::OnceLock::new(),
             devices: cohort_engines::device::discover(),
             metrics: Metrics::new(),
             router: RouterHandle::default(),
@@ -83,6 +91,9 @@ impl NodeContext {
     /// Called by the gateway once bound.
     pub fn set_http_addr(&self, addr: SocketAddr) {
         *self.http_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        if let Some(cluster) = self.cluster.get() {
+            cluster.set_http_addr(addr.to_string());
+        }
     }
 
     /// Records why start-up failed, in words for the operator.
@@ -177,6 +188,8 @@ pub struct NodeSupervisor;
 /// What the NodeSupervisor starts with.
 pub struct SupervisorArgs {
     pub ctx: Arc<NodeContext>,
+    /// How to start the cluster membership.
+    pub cluster: cohort_cluster::ClusterConfig,
     pub gateway: Arc<dyn GatewayFactory>,
     pub policy: RestartPolicy,
 }
@@ -213,6 +226,7 @@ impl ractor::Message for SupervisorMsg {}
 enum Child {
     Router,
     Gateway,
+    Cluster,
     Replica(String),
 }
 
@@ -241,6 +255,7 @@ pub struct SupervisorState {
     next_index: HashMap<String, usize>,
     replicas: Vec<ReplicaSlot>,
     children: HashMap<ActorId, Child>,
+    cluster: Option<cohort_cluster::ClusterAgent>,
     stopping: bool,
 }
 
@@ -536,9 +551,23 @@ impl Actor for NodeSupervisor {
             next_index: HashMap::new(),
             replicas: Vec::new(),
             children: HashMap::new(),
+            cluster: None,
             stopping: false,
         };
         state.children.insert(router.get_id(), Child::Router);
+
+        let agent = cohort_cluster::agent::start(args.cluster, Some(myself.get_cell()))
+            .await
+            .map_err(|e| {
+                let reason = format!("cannot start the cluster membership: {e}");
+                ctx.set_startup_error(reason.clone());
+                reason
+            })?;
+        state.children.insert(agent.raft.get_id(), Child::Cluster);
+        state.children.insert(agent.server.get_id(), Child::Cluster);
+        let _ = ctx.cluster.set(agent.handle.clone());
+        register_models(agent.handle.clone(), ctx.config.all_models());
+        state.cluster = Some(agent);
 
         for model in ctx.config.all_models() {
             ractor::call!(router, |ack| RouterMsg {
@@ -662,6 +691,10 @@ impl Actor for NodeSupervisor {
         let now = Instant::now();
         let reason = failure.unwrap_or_default();
         match child {
+            Child::Cluster => {
+                tracing::error!(%reason, "the cluster membership failed; stopping the node");
+                return Err(format!("cluster membership failed: {reason}").into());
+            }
             Child::Router => {
                 tracing::error!(%reason, "router died; restarting it");
                 let (router, _) =
@@ -710,6 +743,30 @@ impl Actor for NodeSupervisor {
         }
         Ok(())
     }
+}
+
+/// Registers the node's configured models in the cluster state, if absent, in the
+/// background (it waits for a leader).
+fn register_models(cluster: cohort_cluster::ClusterHandle, models: Vec<ModelConfig>) {
+    tokio::spawn(async move {
+        for m in models {
+            let record = cohort_cluster::ModelRecord {
+                name: m.name.clone(),
+                engine: m.engine.as_str().to_string(),
+                path: m.path.as_ref().map(|p| p.display().to_string()),
+                versions: [(
+                    m.version.clone(),
+                    cohort_cluster::VersionRecord { published: true },
+                )]
+                .into_iter()
+                .collect(),
+            };
+            let cmd = cohort_cluster::Command::RegisterModel(record);
+            if let Err(e) = cluster.propose(cmd, Duration::from_secs(60)).await {
+                tracing::warn!(model = %m.name, error = %e, "cannot register the model in the cluster state");
+            }
+        }
+    });
 }
 
 /// Bytes of a file, or of every file under a directory (a model's size on disk).

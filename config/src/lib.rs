@@ -89,6 +89,8 @@ pub struct NodeConfig {
     pub builtin_models: bool,
     /// Where the ONNX Runtime shared library comes from.
     pub onnxruntime: OnnxRuntimeConfig,
+    /// Cluster membership and Raft.
+    pub cluster: ClusterSection,
     /// Limits that protect the node.
     pub limits: Limits,
     /// The models this node serves.
@@ -105,6 +107,7 @@ impl Default for NodeConfig {
             models_dir: None,
             builtin_models: true,
             onnxruntime: OnnxRuntimeConfig::default(),
+            cluster: ClusterSection::default(),
             limits: Limits::default(),
             models: Vec::new(),
         }
@@ -117,6 +120,43 @@ impl Default for NodeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OnnxRuntimeConfig {
     pub library: Option<PathBuf>,
+}
+
+/// Cluster membership and Raft. A node without `join` bootstraps a new cluster (`cohort
+/// up` is a cluster of one on loopback).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Where this node's cluster listener (Raft, actors) listens; other nodes reach it
+    /// here. Port 0 picks a free port (only useful for a cluster of one).
+    pub cluster_addr: SocketAddr,
+    /// A member's cluster address to join; absent: bootstrap a new cluster.
+    pub join: Option<String>,
+    /// File holding the shared secret (the cookie); else `COHORT_COOKIE`. A cluster of
+    /// one on loopback makes up its own when neither is given.
+    pub cookie_file: Option<PathBuf>,
+    /// Raft's tick, in milliseconds (elections take 10 to 20 ticks).
+    pub tick_ms: u64,
+    /// A member not heard from for this long is marked down.
+    pub down_after_ms: u64,
+    /// Applied entries between snapshots (the log is compacted at each).
+    pub snapshot_threshold: u64,
+    /// How long to keep trying to reach `join` at start.
+    pub join_timeout_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            cluster_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            join: None,
+            cookie_file: None,
+            tick_ms: 50,
+            down_after_ms: 5_000,
+            snapshot_threshold: 10_000,
+            join_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// Limits on requests and queues.
@@ -318,6 +358,9 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub models_dir: Option<PathBuf>,
     pub http_addr: Option<SocketAddr>,
+    pub cluster_addr: Option<SocketAddr>,
+    pub join: Option<String>,
+    pub cookie_file: Option<PathBuf>,
 }
 
 /// The environment variables a node reads, with the field each one sets.
@@ -326,6 +369,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("COHORT_DATA_DIR", "data_dir"),
     ("COHORT_MODELS_DIR", "models_dir"),
     ("COHORT_HTTP_ADDR", "http_addr"),
+    ("COHORT_CLUSTER_ADDR", "cluster.cluster_addr"),
+    ("COHORT_JOIN", "cluster.join"),
+    ("COHORT_COOKIE_FILE", "cluster.cookie_file"),
     ("COHORT_BUILTIN_MODELS", "builtin_models"),
     ("COHORT_MAX_BODY_BYTES", "limits.max_body_bytes"),
     ("COHORT_MAX_BATCH_ITEMS", "limits.max_batch_items"),
@@ -387,6 +433,13 @@ impl NodeConfig {
                         bad(format!("{e} (expected host:port, e.g. 127.0.0.1:8080)"))
                     })?
                 }
+                "cluster.cluster_addr" => {
+                    self.cluster.cluster_addr = value.trim().parse().map_err(|e| {
+                        bad(format!("{e} (expected host:port, e.g. 127.0.0.1:7100)"))
+                    })?
+                }
+                "cluster.join" => self.cluster.join = Some(value.trim().to_string()),
+                "cluster.cookie_file" => self.cluster.cookie_file = Some(PathBuf::from(&value)),
                 "builtin_models" => {
                     self.builtin_models = match value.trim() {
                         "1" | "true" | "yes" | "on" => true,
@@ -417,6 +470,15 @@ impl NodeConfig {
         }
         if let Some(v) = o.http_addr {
             self.http_addr = v;
+        }
+        if let Some(v) = o.cluster_addr {
+            self.cluster.cluster_addr = v;
+        }
+        if let Some(v) = &o.join {
+            self.cluster.join = Some(v.clone());
+        }
+        if let Some(v) = &o.cookie_file {
+            self.cluster.cookie_file = Some(v.clone());
         }
     }
 
@@ -467,6 +529,30 @@ impl NodeConfig {
             err(
                 "limits.max_request_timeout_ms".into(),
                 "must be at least limits.request_timeout_ms",
+            );
+        }
+        let c = &self.cluster;
+        if !(1..=10_000).contains(&c.tick_ms) {
+            err("cluster.tick_ms".into(), "must be between 1 and 10000");
+        }
+        if c.down_after_ms < c.tick_ms * 20 {
+            err(
+                "cluster.down_after_ms".into(),
+                "must be at least 20 ticks (an election's worst case)",
+            );
+        }
+        if c.snapshot_threshold == 0 {
+            err("cluster.snapshot_threshold".into(), "must be at least 1");
+        }
+        if let Some(j) = &c.join {
+            if j.parse::<SocketAddr>().is_err() && !j.contains(':') {
+                err("cluster.join".into(), "must be host:port");
+            }
+        }
+        if c.join.is_some() && c.cluster_addr.port() == 0 {
+            err(
+                "cluster.cluster_addr".into(),
+                "a node that joins needs a fixed port (other nodes must reach it)",
             );
         }
         let mut seen = HashSet::new();

@@ -8,20 +8,24 @@
 //!
 //! Both sides open `--sessions` sessions with the same settings (`--threads` intra-op
 //! threads, one inter-op thread, every graph optimization), each driven closed-loop by its
-//! own OS thread with the same batch of `--batch` rows for `--seconds`:
+//! own OS thread with the same batch of `--batch` rows:
 //!
 //! - raw: `ort` alone. The input values are made once; each call is `Session::run` on views
 //!   of them, and the outputs are dropped unread.
 //! - engine: [`OnnxEngine::infer`] on a [`TensorMap`], as a replica calls it (input views,
 //!   outputs copied into Cohort tensors).
 //!
-//! Each side warms up for a second first. Prints one JSON line: samples/s and calls/s of
-//! each, and the engine's share of the raw throughput.
+//! Each worker thread holds one raw session and one engine. After half a second of warm-up
+//! each, the sides take turns in rounds of about a second (all workers on the same side at
+//! once, the side that goes first alternating), until each side has run `--seconds`: on a
+//! shared machine, background load then weighs on both sides alike. Prints one JSON line:
+//! samples/s and calls/s of each, and the engine's share of the raw throughput.
 //!
 //! [`OnnxEngine`]: cohort_engines::onnx::OnnxEngine
 //! [`OnnxEngine::infer`]: cohort_engines::Engine::infer
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -131,20 +135,11 @@ fn raw_value(t: &Tensor) -> Result<DynValue, Error> {
     })
 }
 
-/// One closed-loop worker: `prepare` runs before the start line, `call` until the deadline.
-/// Returns the calls made in the timed period.
-fn closed_loop(
-    barrier: &Barrier,
-    warmup: Duration,
-    measure: Duration,
-    mut call: impl FnMut() -> Result<(), Error>,
-) -> Result<u64, Error> {
-    let warm_end = Instant::now() + warmup;
-    while Instant::now() < warm_end {
-        call()?;
-    }
-    barrier.wait();
-    let end = Instant::now() + measure;
+type Call = Box<dyn FnMut() -> Result<(), Error>>;
+
+/// Calls `call` in a closed loop for `time`; returns the number of calls.
+fn closed_loop(time: Duration, call: &mut Call) -> Result<u64, Error> {
+    let end = Instant::now() + time;
     let mut calls = 0u64;
     while Instant::now() < end {
         call()?;
@@ -158,42 +153,58 @@ struct Rate {
     samples_per_s: f64,
 }
 
-/// Runs `sessions` workers, each made by `make` on its own thread, and sums their calls.
-fn run_side<W>(args: &Args, make: W) -> Result<Rate, Error>
+/// Runs `args.sessions` workers, each with the raw side and the engine side made by
+/// `make` on its own thread, in alternating rounds; returns (raw, engine) rates.
+fn measure<M>(args: &Args, make: M) -> Result<(Rate, Rate), Error>
 where
-    W: Fn() -> Result<Box<dyn FnMut() -> Result<(), Error>>, Error> + Sync,
+    M: Fn() -> Result<[Call; 2], Error> + Sync,
 {
     let barrier = Barrier::new(args.sessions);
-    let measure = Duration::from_secs_f64(args.seconds);
-    let total: Result<u64, Error> = std::thread::scope(|s| {
+    let failed = AtomicBool::new(false);
+    let rounds = args.seconds.ceil().max(1.0) as u32;
+    let slice = Duration::from_secs_f64(args.seconds / f64::from(rounds));
+    let totals: Result<[u64; 2], Error> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.sessions)
             .map(|_| {
-                s.spawn(|| -> Result<u64, Error> {
+                s.spawn(|| -> Result<[u64; 2], Error> {
                     let made = make();
-                    match made {
-                        Ok(mut call) => {
-                            closed_loop(&barrier, Duration::from_secs(1), measure, &mut *call)
-                        }
-                        Err(e) => {
-                            // Let the others go on, then report.
+                    if made.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    barrier.wait();
+                    if failed.load(Ordering::SeqCst) {
+                        return made.map(|_| [0, 0]);
+                    }
+                    let mut sides = made?;
+                    for side in sides.iter_mut() {
+                        closed_loop(Duration::from_millis(500), side)?;
+                    }
+                    let mut calls = [0u64; 2];
+                    for round in 0..rounds {
+                        for k in 0..2 {
+                            let side = (k + round as usize) % 2;
                             barrier.wait();
-                            Err(e)
+                            calls[side] += closed_loop(slice, &mut sides[side])?;
                         }
                     }
+                    Ok(calls)
                 })
             })
             .collect();
-        let mut sum = 0;
+        let mut sum = [0u64; 2];
         for h in handles {
-            sum += h.join().map_err(|_| "a worker panicked")??;
+            let calls = h.join().map_err(|_| "a worker panicked")??;
+            sum[0] += calls[0];
+            sum[1] += calls[1];
         }
         Ok(sum)
     });
-    let calls = total? as f64;
-    Ok(Rate {
-        calls_per_s: calls / args.seconds,
-        samples_per_s: calls * args.batch as f64 / args.seconds,
-    })
+    let totals = totals?;
+    let rate = |calls: u64| Rate {
+        calls_per_s: calls as f64 / args.seconds,
+        samples_per_s: calls as f64 * args.batch as f64 / args.seconds,
+    };
+    Ok((rate(totals[0]), rate(totals[1])))
 }
 
 fn main() {
@@ -218,7 +229,7 @@ fn run() -> Result<(), Error> {
     drop(probe);
     let env = onnx::init_runtime(&onnx::find_library(args.library.as_deref())?)?;
 
-    let raw = run_side(&args, || {
+    let (raw, engine) = measure(&args, || {
         let mut session = raw_session(&env, args.threads, &args.model)?;
         // In the session's input order.
         let mut values = Vec::new();
@@ -228,22 +239,20 @@ fn run() -> Result<(), Error> {
                 .ok_or_else(|| format!("no value for input {}", input.name()))?;
             values.push(raw_value(t)?);
         }
-        Ok(Box::new(move || {
+        let raw: Call = Box::new(move || {
             let views: Vec<SessionInputValue<'_>> = values.iter().map(Into::into).collect();
             let outputs = session.run(SessionInputs::<'_, '_, 0>::ValueSlice(&views))?;
             std::hint::black_box(outputs.len());
             Ok(())
-        }) as Box<dyn FnMut() -> Result<(), Error>>)
-    })?;
-
-    let engine = run_side(&args, || {
+        });
         let mut engine = load_engine(&args)?;
         let inputs = inputs.clone();
-        Ok(Box::new(move || {
+        let engine: Call = Box::new(move || {
             let out = engine.infer(&inputs)?;
             std::hint::black_box(out.len());
             Ok(())
-        }) as Box<dyn FnMut() -> Result<(), Error>>)
+        });
+        Ok([raw, engine])
     })?;
 
     let line = serde_json::json!({
@@ -266,11 +275,11 @@ fn raw_session(
     threads: usize,
     model: &Path,
 ) -> ort::Result<Session> {
-    Ok(Session::builder(env)?
+    Session::builder(env)?
         .with_intra_threads(threads)?
         .with_inter_threads(1)?
         .with_optimization_level(GraphOptimizationLevel::All)?
-        .commit_from_file(model)?)
+        .commit_from_file(model)
 }
 
 fn round(x: f64) -> f64 {

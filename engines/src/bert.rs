@@ -15,7 +15,9 @@
 //!
 //! Tokenization: the padding that a `tokenizer.json` may carry is turned off (the one of
 //! all-MiniLM-L6-v2 pads every input to 128 tokens) and each batch is padded to its own
-//! longest sequence, with an attention mask so that padding changes no result. Inputs are
+//! longest sequence, with an attention mask so that padding changes no result. On the CPU a
+//! batch is first sorted by length and cut into groups that each pad little
+//! ([`BertEmbedder::set_length_grouping`]); outputs keep the batch's order. Inputs are
 //! truncated to `options.max_length`, by default `max_seq_length` of
 //! `sentence_bert_config.json` or else the model's `max_position_embeddings`, and never
 //! beyond `max_position_embeddings`.
@@ -35,7 +37,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use cohort_config::ModelConfig;
 use serde::Deserialize;
-use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams};
 
 use crate::{
     DType, Engine, EngineError, LoadContext, ModelMetadata, Tensor, TensorData, TensorMap,
@@ -116,6 +118,10 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
 }
 
+/// On the CPU, a batch runs as groups of similar lengths, cut where padding would add more
+/// than this fraction of the group's real tokens (see [`BertEmbedder::set_length_grouping`]).
+pub const PADDING_SLACK: f64 = 0.25;
+
 /// The BERT sentence-embedding engine.
 pub struct BertEmbedder {
     model: BertModel,
@@ -128,6 +134,8 @@ pub struct BertEmbedder {
     meta: ModelMetadata,
     params: u64,
     device: candle_core::Device,
+    /// Length grouping's padding slack; `None`: one padded pass per batch.
+    slack: Option<f64>,
 }
 
 fn load_err(path: &Path, reason: impl Into<String>) -> EngineError {
@@ -179,8 +187,7 @@ impl BertEmbedder {
         let config_path = required(dir, "config.json")?;
         let config: Config = read_json(&config_path)?;
         if config.hidden_size == 0
-            || config.num_attention_heads == 0
-            || config.hidden_size % config.num_attention_heads != 0
+            || config.hidden_size.checked_rem(config.num_attention_heads) != Some(0)
         {
             return Err(load_err(
                 &config_path,
@@ -309,6 +316,8 @@ impl BertEmbedder {
             max_length,
             meta,
             params,
+            // A GPU wants few, large passes; a CPU pays for every padded token.
+            slack: device.is_cpu().then_some(PADDING_SLACK),
             device,
         })
     }
@@ -326,6 +335,15 @@ impl BertEmbedder {
     /// Inputs are truncated to this many tokens, special tokens included.
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+
+    /// How a batch is cut into forward passes: `None` runs it as one pass padded to its
+    /// longest sentence; `Some(slack)` sorts it by length and cuts it wherever padding would
+    /// add more than `slack` times a group's real tokens (default on the CPU:
+    /// [`PADDING_SLACK`]; on a GPU: `None`). Results are the same either way; only speed
+    /// differs.
+    pub fn set_length_grouping(&mut self, slack: Option<f64>) {
+        self.slack = slack.map(|s| s.max(0.0));
     }
 
     /// The embedding's size.
@@ -348,14 +366,57 @@ impl BertEmbedder {
             .tokenizer
             .encode_batch_fast(sentences.to_vec(), true)
             .map_err(|e| EngineError::Inference(format!("tokenization failed: {e}")))?;
-        let rows = encodings.len();
-        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let mut out = vec![0f32; encodings.len() * self.hidden];
+        for group in self.groups(&encodings) {
+            let encs: Vec<&Encoding> = group.iter().map(|&i| &encodings[i]).collect();
+            let rows = self.forward(&encs)?;
+            for (&i, row) in group.iter().zip(rows.chunks(self.hidden)) {
+                out[i * self.hidden..(i + 1) * self.hidden].copy_from_slice(row);
+            }
+        }
+        Ok(out)
+    }
 
-        // Pad to the batch's longest sequence.
+    /// The batch's rows, in groups that each run as one padded forward pass.
+    ///
+    /// Without length grouping: one group, in order. With it: rows sorted by length and cut
+    /// wherever padding would exceed the slack (a fraction of the group's real tokens).
+    fn groups(&self, encodings: &[Encoding]) -> Vec<Vec<usize>> {
+        let Some(slack) = self.slack else {
+            return vec![(0..encodings.len()).collect()];
+        };
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut current: Vec<usize> = Vec::new();
+        let mut real = 0usize;
+        for i in order {
+            let len = encodings[i].len();
+            // Sorted ascending: `len` is the group's longest, so its padded size.
+            let padded = (current.len() + 1) * len;
+            if !current.is_empty() && padded as f64 > (1.0 + slack) * (real + len) as f64 {
+                groups.push(std::mem::take(&mut current));
+                real = 0;
+            }
+            current.push(i);
+            real += len;
+        }
+        if !current.is_empty() {
+            groups.push(current);
+        }
+        groups
+    }
+
+    /// One forward pass over `encs`, padded to the longest; pooled (and normalized) rows.
+    fn forward(&self, encs: &[&Encoding]) -> Result<Vec<f32>, EngineError> {
+        let rows = encs.len();
+        let len = encs.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+
+        // Pad to the group's longest sequence.
         let mut ids = vec![self.pad_id; rows * len];
         let mut type_ids = vec![0u32; rows * len];
         let mut mask = vec![0u32; rows * len];
-        for (r, enc) in encodings.iter().enumerate() {
+        for (r, enc) in encs.iter().enumerate() {
             let base = r * len;
             let n = enc.len();
             ids[base..base + n].copy_from_slice(enc.get_ids());

@@ -230,7 +230,6 @@ pub fn load_engine(model: &ModelConfig, ctx: &LoadContext) -> Result<Box<dyn Eng
         EngineKind::CandleMlp => {
             Box::new(mlp::CandleMlp::load(&model_path(model, ctx)?, ctx.device)?)
         }
-        // Replaced by the ONNX Runtime and BERT engines as they land.
         EngineKind::CandleBert => Box::new(bert::BertEmbedder::load(
             &model_path(model, ctx)?,
             model,

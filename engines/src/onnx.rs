@@ -380,16 +380,19 @@ fn session_builder(
     threads: usize,
     cuda_device: Option<i32>,
 ) -> Result<SessionBuilder, String> {
-    let builder = Session::builder(env)
-        .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?
-        .with_intra_threads(threads)
-        .and_then(|b| b.with_inter_threads(1))
-        .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All))
-        .map_err(|e| format!("cannot configure the ONNX Runtime session: {e}"))?;
+    let builder = configured(env, threads)
+        .map_err(|e| format!("cannot configure an ONNX Runtime session: {e}"))?;
     match cuda_device {
         None => Ok(builder),
         Some(id) => with_cuda(builder, id),
     }
+}
+
+fn configured(env: &Environment, threads: usize) -> ort::Result<SessionBuilder> {
+    Ok(Session::builder(env)?
+        .with_intra_threads(threads)?
+        .with_inter_threads(1)?
+        .with_optimization_level(GraphOptimizationLevel::All)?)
 }
 
 #[cfg(feature = "cuda")]

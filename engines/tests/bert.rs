@@ -159,6 +159,12 @@ fn embeddings_match_the_numpy_reference() {
     let diff = max_abs_diff(&batched, &exp.embeddings);
     assert!(diff < 1e-4, "batched: max abs diff {diff}");
 
+    // One pass padded to the longest (64 tokens) instead of length groups.
+    engine.set_length_grouping(None);
+    let padded = embed(&mut engine, &sentences);
+    let diff = max_abs_diff(&padded, &exp.embeddings);
+    assert!(diff < 1e-4, "one padded pass: max abs diff {diff}");
+
     let single: Vec<Vec<f32>> = sentences
         .iter()
         .map(|s| embed(&mut engine, &[s]).remove(0))
@@ -223,6 +229,8 @@ fn tokenizer_and_token_counter_agree_with_the_reference() {
 #[test]
 fn padding_does_not_change_results() {
     let mut engine = load(&tiny_dir());
+    // One forward pass per batch, padded to its longest sentence.
+    engine.set_length_grouping(None);
     let sentences = [
         "the",
         "A dog runs fast and the bird sings slowly?",
@@ -246,6 +254,19 @@ fn padding_does_not_change_results() {
     back.reverse();
     let diff = max_abs_diff(&back, &single);
     assert!(diff < 1e-5, "reversed batch: max abs diff {diff}");
+
+    // Length groups (the CPU default, and a slack of 0: only equal lengths share a pass)
+    // give the same vectors, in the batch's order.
+    for slack in [
+        Some(cohort_engines::bert::PADDING_SLACK),
+        Some(0.0),
+        Some(10.0),
+    ] {
+        engine.set_length_grouping(slack);
+        let grouped = embed(&mut engine, &sentences);
+        let diff = max_abs_diff(&grouped, &single);
+        assert!(diff < 1e-5, "slack {slack:?}: max abs diff {diff}");
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! NodeSupervisor restarts it on the same address. When the actor is stopped, the server
 //! stops accepting, finishes the requests in flight, and only then does the actor stop.
 
+mod cluster;
 pub mod error;
 mod health;
 mod inference;
@@ -55,6 +56,11 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/v1/health/detailed", get(health::detailed))
+        .route("/api/v1/cluster", get(cluster::status))
+        .route(
+            "/api/v1/cluster/nodes/{id}",
+            axum::routing::delete(cluster::remove_node),
+        )
         .route("/api/v1/models", get(models::list))
         .route("/api/v1/models/{model}", get(models::show))
         .route("/api/v1/models/{model}/infer", post(inference::infer))

@@ -9,6 +9,7 @@
 //! into messages (`anyhow` lives here and nowhere else).
 
 mod bench;
+mod ctl;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,15 @@ enum Command {
     /// COHORT_MAX_BODY_BYTES, COHORT_MAX_BATCH_ITEMS, COHORT_REQUEST_TIMEOUT_MS,
     /// COHORT_BUILTIN_MODELS), then these flags; each layer overrides the one before.
     Up(UpArgs),
+    /// Run one node of a cluster: bootstraps a new cluster, or joins one with --join.
+    ///
+    /// The cluster's shared secret (the cookie) is read from --cookie-file or the
+    /// COHORT_COOKIE environment variable, never from the command line. Example:
+    /// cohort node --name n2 --cluster-addr 127.0.0.1:7102 --http-addr 127.0.0.1:8082
+    /// --join 127.0.0.1:7101 --data-dir ./n2 --cookie-file ./cookie
+    Node(NodeArgs),
+    /// Administer a running cluster over its HTTP API.
+    Ctl(ctl::CtlArgs),
     /// Load a model of a running node with a closed-loop HTTP benchmark and report
     /// requests/s and latency percentiles.
     Bench(bench::BenchArgs),
@@ -81,6 +91,23 @@ struct UpArgs {
     /// Check the configuration, print it as TOML, and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    #[command(flatten)]
+    up: UpArgs,
+    /// Address of this node's cluster listener (Raft and actor messages); other nodes
+    /// reach it here, so it must be a fixed port when it joins [env: COHORT_CLUSTER_ADDR].
+    #[arg(long, value_name = "ADDR")]
+    cluster_addr: Option<SocketAddr>,
+    /// The cluster address of any member to join; without it, this node bootstraps a new
+    /// cluster [env: COHORT_JOIN].
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Option<String>,
+    /// File holding the cluster's shared secret (else COHORT_COOKIE) [env: COHORT_COOKIE_FILE].
+    #[arg(long, value_name = "FILE")]
+    cookie_file: Option<PathBuf>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -118,7 +145,16 @@ fn main() -> std::process::ExitCode {
         .build()
         .context("cannot start the tokio runtime")
         .and_then(|runtime| match cli.command {
-            Command::Up(args) => runtime.block_on(up(args)),
+            Command::Up(args) => runtime.block_on(up(args, ClusterFlags::default())),
+            Command::Node(args) => runtime.block_on(up(
+                args.up,
+                ClusterFlags {
+                    cluster_addr: args.cluster_addr,
+                    join: args.join,
+                    cookie_file: args.cookie_file,
+                },
+            )),
+            Command::Ctl(args) => runtime.block_on(ctl::run(args)),
             Command::Bench(args) => runtime.block_on(bench::run(args)),
         });
     match result {
@@ -131,7 +167,14 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
+#[derive(Debug, Default)]
+struct ClusterFlags {
+    cluster_addr: Option<SocketAddr>,
+    join: Option<String>,
+    cookie_file: Option<PathBuf>,
+}
+
+async fn up(args: UpArgs, cluster: ClusterFlags) -> anyhow::Result<()> {
     let started = Instant::now();
     // Listen for signals from the start, so that a stop during start-up is clean too.
     let (signalled_tx, mut signalled) = tokio::sync::watch::channel(false);
@@ -144,6 +187,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         models_dir: args.models_dir,
         http_addr: args.http_addr,
+        cluster_addr: cluster.cluster_addr,
+        join: cluster.join,
+        cookie_file: cluster.cookie_file,
     };
     let config = NodeConfig::load(args.config.as_deref(), std::env::vars(), &overrides)?;
     if args.check_config {
@@ -181,13 +227,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         tracing::warn!("not every model is ready; see {url}/api/v1/health/detailed");
     }
-    println!("Cohort is serving on {url}");
-    println!("  models:  curl {url}/api/v1/models");
-    println!(
-        "  infer:   curl -s {url}/api/v1/models/echo/infer -H 'content-type: application/json' -d '{{\"inputs\": {{\"x\": [[1, 2, 3]]}}}}'"
+    // The banner goes to stdout; a closed stdout must not stop the node.
+    let banner = format!(
+        "Cohort is serving on {url}\n  models:  curl {url}/api/v1/models\n  infer:   curl -s {url}/api/v1/models/echo/infer -H 'content-type: application/json' -d '{{\"inputs\": {{\"x\": [[1, 2, 3]]}}}}'\n  bench:   cohort bench --url {url} --model mlp\nPress Ctrl-C to stop.\n"
     );
-    println!("  bench:   cohort bench --url {url} --model mlp");
-    println!("Press Ctrl-C to stop.");
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes());
+        let _ = out.flush();
+    }
 
     tokio::select! {
         _ = signalled.wait_for(|s| *s) => {

@@ -10,41 +10,48 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cohort");
 
-/// A `cohort up` process; killed if the test fails before it stops it.
+/// A `cohort up` process; killed if the test fails before it stops it, and its log
+/// printed then.
 struct UpProcess {
     child: Child,
     url: String,
+    log: tempfile::NamedTempFile,
 }
 
 impl Drop for UpProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+            eprintln!("--- cohort up log ---\n{log}");
+        }
     }
 }
 
 /// Starts `cohort up` with `args` and waits (with a deadline) for the line with its URL.
 fn cohort_up(args: &[&str]) -> UpProcess {
+    let log = tempfile::NamedTempFile::new().expect("log file");
     let mut child = Command::new(BIN)
         .arg("up")
         .args(["--http-addr", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().expect("log file"))
         .spawn()
         .expect("cohort starts");
     let stdout = child.stdout.take();
     let mut up = UpProcess {
         child,
         url: String::new(),
+        log,
     };
     let stdout = stdout.expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        // Keep reading to the end, so the node never writes into a closed pipe.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -1,0 +1,923 @@
+//! [`ClusterState`]: the replicated state machine, and the [`Command`]s that change it.
+//!
+//! Every node applies the same committed commands in the same order, so every node must
+//! reach the same state: [`ClusterState::apply`] reads no clock and no randomness (the
+//! time of a command travels in its [`CommandEnvelope`]), iterates only ordered maps, and
+//! never panics. A command that makes no sense against the current state is refused with
+//! [`ApplyOutcome::Rejected`], which is itself a deterministic result.
+//!
+//! A proposal may be retried (its first attempt timed out, the leader changed): each
+//! envelope carries an id, and an id applied once is answered [`ApplyOutcome::Duplicate`]
+//! afterwards. The last [`APPLIED_IDS_CAPACITY`] ids are remembered, as part of the state,
+//! so snapshots carry them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::codec::{decode, encode};
+use crate::error::ClusterError;
+
+/// A Raft node id (never 0).
+pub type NodeId = u64;
+
+/// The id of a command envelope; a retried proposal keeps its id.
+pub type CommandId = u128;
+
+/// How many applied command ids are remembered for deduplication.
+pub const APPLIED_IDS_CAPACITY: usize = 100_000;
+
+/// Whether a node is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Reachable and serving.
+    Up,
+    /// Unreachable or drained; its replicas are re-placed.
+    Down,
+    /// Removed from the cluster; its id is not reused.
+    Removed,
+}
+
+/// A node's part in Raft.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Votes and counts towards the quorum.
+    Voter,
+    /// Receives the log but does not vote.
+    Learner,
+}
+
+/// One device of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// `cpu` or `cuda:N`.
+    pub id: String,
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    /// The device's name (GPU model, CPU brand).
+    pub name: String,
+    /// Bytes of memory.
+    pub total_memory: u64,
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Its Raft id.
+    pub id: NodeId,
+    /// Its name, unique among nodes not removed.
+    pub name: String,
+    /// `host:port` of its cluster (Raft, actors) listener.
+    pub cluster_addr: String,
+    /// `host:port` of its HTTP gateway.
+    pub http_addr: String,
+    /// Its devices.
+    pub devices: Vec<DeviceRecord>,
+    /// Free-form labels, for placement policies.
+    pub labels: BTreeMap<String, String>,
+    /// Whether it serves.
+    pub status: NodeStatus,
+    /// Its part in Raft.
+    pub role: NodeRole,
+}
+
+/// One version of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Whether clients may ask for it.
+    pub published: bool,
+}
+
+/// A registered model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// The name clients use.
+    pub name: String,
+    /// The engine that runs it (`candle-mlp`, `onnx`, ...).
+    pub engine: String,
+    /// Its file, as each node resolves it.
+    pub path: Option<String>,
+    /// Its versions by name.
+    pub versions: BTreeMap<String, VersionRecord>,
+}
+
+/// How a model is deployed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// The model deployed.
+    pub model: String,
+    /// The autoscaler never goes below this.
+    pub min_replicas: u32,
+    /// The autoscaler never goes above this.
+    pub max_replicas: u32,
+    /// How many replicas placement aims for now.
+    pub desired_replicas: u32,
+    /// `cpu`, `cuda:N`, `auto`, ...
+    pub device_policy: String,
+    /// Outstanding requests per replica the autoscaler aims for.
+    pub target_load: f64,
+    /// Share of requests (by weight) per version.
+    pub traffic: BTreeMap<String, u32>,
+}
+
+/// One replica placed on one node's device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Unique across the cluster.
+    pub replica_id: String,
+    /// The model it serves.
+    pub model: String,
+    /// The version it serves.
+    pub version: String,
+    /// The node that runs it.
+    pub node_id: NodeId,
+    /// The device it runs on (`cpu`, `cuda:N`).
+    pub device: String,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenRole {
+    /// Everything, tokens included.
+    Admin,
+    /// Models, deployments and nodes, but not tokens.
+    Operator,
+    /// Inference and jobs only.
+    Inference,
+}
+
+/// Whether a token is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenStatus {
+    /// Accepted (until it expires).
+    Active,
+    /// Refused from now on; revocation is final.
+    Revoked,
+}
+
+/// An API token. Only a hash of its key is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Its id (shown in lists and audit logs).
+    pub id: String,
+    /// A human-readable name.
+    pub name: String,
+    /// Hash of the secret key.
+    pub key_hash: Vec<u8>,
+    /// What it may do.
+    pub role: TokenRole,
+    /// Models it may use; empty means all.
+    pub allowed_models: Vec<String>,
+    /// Client addresses or CIDRs it may come from; empty means any.
+    pub ip_allow: Vec<String>,
+    /// Requests per minute, if limited.
+    pub rate_per_minute: Option<u32>,
+    /// Requests per month, if limited.
+    pub monthly_quota: Option<u64>,
+    /// Requests counted so far this month.
+    pub used: u64,
+    /// When it stops being accepted (ms since the Unix epoch).
+    pub expires_at_ms: Option<u64>,
+    /// Active or revoked.
+    pub status: TokenStatus,
+}
+
+/// Where an async job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    /// Waiting for a runner.
+    Queued,
+    /// Leased by a runner.
+    Running,
+    /// Done; its result is published.
+    Succeeded,
+    /// Done; its error is published.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Whether the job is finished (succeeded, failed or cancelled).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+/// A runner's claim on a job. Only the holder of the current epoch may complete it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The node whose runner holds it.
+    pub node_id: NodeId,
+    /// Grows with each new lease of the job.
+    pub epoch: u64,
+    /// When another runner may take the job over (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+}
+
+/// An async job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: String,
+    /// The model it runs on.
+    pub model: String,
+    /// Where it is.
+    pub status: JobStatus,
+    /// The request body.
+    pub payload: Vec<u8>,
+    /// The response body, once succeeded.
+    pub result: Option<Vec<u8>>,
+    /// Why it failed, once failed.
+    pub error: Option<String>,
+    /// The current (or last) lease.
+    pub lease: Option<Lease>,
+    /// How many leases it has had.
+    pub attempts: u32,
+    /// When it was submitted (ms since the Unix epoch).
+    pub created_at_ms: u64,
+    /// When it last changed (ms since the Unix epoch).
+    pub updated_at_ms: u64,
+}
+
+/// A change to the cluster's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds a node or replaces its record. Refused for a node marked removed.
+    UpsertNode(NodeRecord),
+    /// Marks a node up, down or removed.
+    SetNodeStatus {
+        /// The node.
+        id: NodeId,
+        /// Its new status.
+        status: NodeStatus,
+    },
+    /// Forgets a node, and the assignments placed on it.
+    RemoveNode {
+        /// The node.
+        id: NodeId,
+    },
+    /// Registers a model if no model of that name exists (a node's configured models are
+    /// registered at its start); otherwise changes nothing.
+    RegisterModel(ModelRecord),
+    /// Publishes or unpublishes a version of a model, adding the version if new.
+    SetVersionPublished {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// Published or not.
+        published: bool,
+    },
+    /// Deletes a model with its deployment and assignments.
+    RemoveModel {
+        /// The model.
+        name: String,
+    },
+    /// Creates or replaces the deployment of a registered model.
+    UpsertDeployment(Deployment),
+    /// Replaces every assignment of `model` with `assignments`.
+    SetAssignments {
+        /// The model.
+        model: String,
+        /// Its replicas from now on.
+        assignments: Vec<Assignment>,
+    },
+    /// Creates or replaces a token (its usage count is kept). Refused for a revoked token.
+    UpsertToken(TokenRecord),
+    /// Revokes a token for good.
+    RevokeToken {
+        /// The token.
+        id: String,
+    },
+    /// Counts requests against a token's monthly quota.
+    RecordTokenUsage {
+        /// The token.
+        id: String,
+        /// Requests to add.
+        amount: u64,
+    },
+    /// Queues a new job (status, lease, result and times are set by the state machine).
+    SubmitJob(JobRecord),
+    /// Leases a job to a node's runner: a queued job, a job whose lease has expired
+    /// (`epoch` must then exceed the old one), or a renewal by the current holder.
+    LeaseJob {
+        /// The job.
+        id: String,
+        /// The runner's node.
+        node_id: NodeId,
+        /// The lease's epoch.
+        epoch: u64,
+        /// When the lease runs out.
+        expires_at_ms: u64,
+    },
+    /// Publishes a job's result. Only the current lease's epoch may; once a job is
+    /// finished, later completions change nothing.
+    CompleteJob {
+        /// The job.
+        id: String,
+        /// The epoch of the lease the runner holds.
+        epoch: u64,
+        /// The response body, or why it failed.
+        result: Result<Vec<u8>, String>,
+    },
+    /// Cancels a job that has not finished.
+    CancelJob {
+        /// The job.
+        id: String,
+    },
+    /// Names the cluster, once: later ones change nothing.
+    SetClusterId {
+        /// The id.
+        cluster_id: String,
+    },
+    /// Records a node's part in Raft (applied with membership changes).
+    SetNodeRole {
+        /// The node.
+        id: NodeId,
+        /// Its part.
+        role: NodeRole,
+    },
+}
+
+/// A command as proposed through Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    /// Unique per proposal; a retry keeps it.
+    pub id: CommandId,
+    /// When the proposer issued it (ms since the Unix epoch): the only clock `apply` sees.
+    pub issued_at_ms: u64,
+    /// The change.
+    pub command: Command,
+}
+
+impl CommandEnvelope {
+    /// A proposal of `command` with a fresh random id.
+    pub fn new(command: Command, issued_at_ms: u64) -> CommandEnvelope {
+        let id = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+        CommandEnvelope {
+            id,
+            issued_at_ms,
+            command,
+        }
+    }
+
+    /// Encodes the envelope for a Raft entry.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes an envelope from a Raft entry.
+    pub fn decode(bytes: &[u8]) -> Result<CommandEnvelope, ClusterError> {
+        decode(bytes)
+    }
+}
+
+/// The kind of thing a command names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entity {
+    /// A node.
+    Node,
+    /// A model.
+    Model,
+    /// A model's version.
+    Version,
+    /// A token.
+    Token,
+    /// A job.
+    Job,
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// It names something that does not exist.
+    #[error("{kind:?} {id:?} not found")]
+    NotFound {
+        /// What kind of thing.
+        kind: Entity,
+        /// Its id or name.
+        id: String,
+    },
+    /// It conflicts with the current state.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// It is malformed.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// A job runner's lease is no longer the job's current one.
+    #[error("job {job:?}: lease epoch {given} is not the current epoch {current}")]
+    StaleEpoch {
+        /// The job.
+        job: String,
+        /// The job's current lease epoch (0: none).
+        current: u64,
+        /// The epoch the runner holds.
+        given: u64,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyOutcome {
+    /// The state changed.
+    Applied,
+    /// The command was valid but there was nothing to change (a model already
+    /// registered, a job already finished, a token already revoked).
+    Unchanged,
+    /// An envelope with this id was applied before; nothing was done this time.
+    Duplicate,
+    /// The command was refused; nothing changed.
+    Rejected(Rejection),
+}
+
+/// The ids of the last [`APPLIED_IDS_CAPACITY`] applied envelopes, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct AppliedIds {
+    order: VecDeque<CommandId>,
+    set: BTreeSet<CommandId>,
+}
+
+impl AppliedIds {
+    /// Records `id`; false if it was already recorded.
+    fn insert(&mut self, id: CommandId) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        while self.order.len() > APPLIED_IDS_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+impl Serialize for AppliedIds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.order.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for AppliedIds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AppliedIds, D::Error> {
+        let order = VecDeque::<CommandId>::deserialize(d)?;
+        if order.len() > APPLIED_IDS_CAPACITY {
+            return Err(serde::de::Error::custom("too many applied command ids"));
+        }
+        let set: BTreeSet<CommandId> = order.iter().copied().collect();
+        if set.len() != order.len() {
+            return Err(serde::de::Error::custom("repeated applied command id"));
+        }
+        Ok(AppliedIds { order, set })
+    }
+}
+
+/// The cluster's desired state, replicated through Raft.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Members by id.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Registered models by name.
+    pub models: BTreeMap<String, ModelRecord>,
+    /// Deployments by model name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Replica assignments by replica id.
+    pub assignments: BTreeMap<String, Assignment>,
+    /// Tokens by id.
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Jobs by id.
+    pub jobs: BTreeMap<String, JobRecord>,
+    /// The cluster's id, set once by its first leader.
+    pub cluster_id: String,
+    applied_commands: AppliedIds,
+}
+
+fn not_found(kind: Entity, id: impl ToString) -> ApplyOutcome {
+    ApplyOutcome::Rejected(Rejection::NotFound {
+        kind,
+        id: id.to_string(),
+    })
+}
+
+fn conflict(msg: String) -> ApplyOutcome {
+    ApplyOutcome::Rejected(Rejection::Conflict(msg))
+}
+
+fn invalid(msg: String) -> ApplyOutcome {
+    ApplyOutcome::Rejected(Rejection::Invalid(msg))
+}
+
+impl ClusterState {
+    /// An empty state.
+    pub fn new() -> ClusterState {
+        ClusterState::default()
+    }
+
+    /// Whether an envelope with this id is still remembered as applied.
+    pub fn was_applied(&self, id: CommandId) -> bool {
+        self.applied_commands.set.contains(&id)
+    }
+
+    /// The assignments of one model, by replica id.
+    pub fn assignments_of<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a Assignment> {
+        self.assignments.values().filter(move |a| a.model == model)
+    }
+
+    /// Applies a committed command. Deterministic, and applies an id at most once.
+    pub fn apply(&mut self, env: &CommandEnvelope) -> ApplyOutcome {
+        if !self.applied_commands.insert(env.id) {
+            return ApplyOutcome::Duplicate;
+        }
+        let now = env.issued_at_ms;
+        match &env.command {
+            Command::UpsertNode(node) => self.upsert_node(node),
+            Command::SetNodeStatus { id, status } => self.set_node_status(*id, *status),
+            Command::RemoveNode { id } => self.remove_node(*id),
+            Command::RegisterModel(model) => self.register_model(model),
+            Command::SetVersionPublished {
+                model,
+                version,
+                published,
+            } => self.set_version_published(model, version, *published),
+            Command::RemoveModel { name } => self.remove_model(name),
+            Command::UpsertDeployment(d) => self.upsert_deployment(d),
+            Command::SetAssignments { model, assignments } => {
+                self.set_assignments(model, assignments)
+            }
+            Command::UpsertToken(token) => self.upsert_token(token),
+            Command::RevokeToken { id } => self.revoke_token(id),
+            Command::RecordTokenUsage { id, amount } => self.record_token_usage(id, *amount),
+            Command::SubmitJob(job) => self.submit_job(job, now),
+            Command::LeaseJob {
+                id,
+                node_id,
+                epoch,
+                expires_at_ms,
+            } => self.lease_job(
+                id,
+                Lease {
+                    node_id: *node_id,
+                    epoch: *epoch,
+                    expires_at_ms: *expires_at_ms,
+                },
+                now,
+            ),
+            Command::CompleteJob { id, epoch, result } => {
+                self.complete_job(id, *epoch, result, now)
+            }
+            Command::CancelJob { id } => self.cancel_job(id, now),
+            Command::SetClusterId { cluster_id } => {
+                if !self.cluster_id.is_empty() || cluster_id.is_empty() {
+                    ApplyOutcome::Unchanged
+                } else {
+                    self.cluster_id = cluster_id.clone();
+                    ApplyOutcome::Applied
+                }
+            }
+            Command::SetNodeRole { id, role } => match self.nodes.get_mut(id) {
+                None => not_found(Entity::Node, id),
+                Some(n) if n.role == *role => ApplyOutcome::Unchanged,
+                Some(n) => {
+                    n.role = *role;
+                    ApplyOutcome::Applied
+                }
+            },
+        }
+    }
+
+    /// The state as bytes (format byte + bincode), for a Raft snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// The state that [`ClusterState::snapshot`] wrote.
+    pub fn restore(bytes: &[u8]) -> Result<ClusterState, ClusterError> {
+        decode(bytes)
+    }
+
+    fn upsert_node(&mut self, node: &NodeRecord) -> ApplyOutcome {
+        if node.id == 0 {
+            return invalid("node id 0 is reserved".into());
+        }
+        if node.name.is_empty() {
+            return invalid("node name is empty".into());
+        }
+        if let Some(old) = self.nodes.get(&node.id) {
+            if old.status == NodeStatus::Removed {
+                return conflict(format!("node {} was removed; join with a new id", node.id));
+            }
+        }
+        if let Some(other) = self
+            .nodes
+            .values()
+            .find(|n| n.id != node.id && n.name == node.name && n.status != NodeStatus::Removed)
+        {
+            return conflict(format!(
+                "node name {:?} is taken by node {}",
+                node.name, other.id
+            ));
+        }
+        self.nodes.insert(node.id, node.clone());
+        ApplyOutcome::Applied
+    }
+
+    fn set_node_status(&mut self, id: NodeId, status: NodeStatus) -> ApplyOutcome {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return not_found(Entity::Node, id);
+        };
+        if node.status == status {
+            return ApplyOutcome::Unchanged;
+        }
+        if node.status == NodeStatus::Removed {
+            return conflict(format!("node {id} was removed"));
+        }
+        node.status = status;
+        ApplyOutcome::Applied
+    }
+
+    fn remove_node(&mut self, id: NodeId) -> ApplyOutcome {
+        if self.nodes.remove(&id).is_none() {
+            return not_found(Entity::Node, id);
+        }
+        self.assignments.retain(|_, a| a.node_id != id);
+        ApplyOutcome::Applied
+    }
+
+    fn register_model(&mut self, model: &ModelRecord) -> ApplyOutcome {
+        if model.name.is_empty() {
+            return invalid("model name is empty".into());
+        }
+        if model.engine.is_empty() {
+            return invalid(format!("model {:?} has no engine", model.name));
+        }
+        if self.models.contains_key(&model.name) {
+            return ApplyOutcome::Unchanged;
+        }
+        self.models.insert(model.name.clone(), model.clone());
+        ApplyOutcome::Applied
+    }
+
+    fn set_version_published(
+        &mut self,
+        model: &str,
+        version: &str,
+        published: bool,
+    ) -> ApplyOutcome {
+        if version.is_empty() {
+            return invalid("version is empty".into());
+        }
+        let Some(record) = self.models.get_mut(model) else {
+            return not_found(Entity::Model, model);
+        };
+        let v = record.versions.entry(version.to_string()).or_default();
+        if v.published == published {
+            return ApplyOutcome::Unchanged;
+        }
+        v.published = published;
+        ApplyOutcome::Applied
+    }
+
+    fn remove_model(&mut self, name: &str) -> ApplyOutcome {
+        if self.models.remove(name).is_none() {
+            return not_found(Entity::Model, name);
+        }
+        self.deployments.remove(name);
+        self.assignments.retain(|_, a| a.model != name);
+        ApplyOutcome::Applied
+    }
+
+    fn upsert_deployment(&mut self, d: &Deployment) -> ApplyOutcome {
+        let Some(model) = self.models.get(&d.model) else {
+            return not_found(Entity::Model, &d.model);
+        };
+        if d.min_replicas > d.max_replicas {
+            return invalid(format!(
+                "min_replicas {} is above max_replicas {}",
+                d.min_replicas, d.max_replicas
+            ));
+        }
+        if d.desired_replicas < d.min_replicas || d.desired_replicas > d.max_replicas {
+            return invalid(format!(
+                "desired_replicas {} is outside [{}, {}]",
+                d.desired_replicas, d.min_replicas, d.max_replicas
+            ));
+        }
+        if !d.target_load.is_finite() || d.target_load <= 0.0 {
+            return invalid(format!(
+                "target_load {} must be a positive number",
+                d.target_load
+            ));
+        }
+        if let Some(v) = d.traffic.keys().find(|v| !model.versions.contains_key(*v)) {
+            return not_found(Entity::Version, format!("{}:{v}", d.model));
+        }
+        self.deployments.insert(d.model.clone(), d.clone());
+        ApplyOutcome::Applied
+    }
+
+    fn set_assignments(&mut self, model: &str, assignments: &[Assignment]) -> ApplyOutcome {
+        if !assignments.is_empty() && !self.models.contains_key(model) {
+            return not_found(Entity::Model, model);
+        }
+        let mut ids = BTreeSet::new();
+        for a in assignments {
+            if a.model != model {
+                return invalid(format!(
+                    "assignment {:?} is for model {:?}, not {model:?}",
+                    a.replica_id, a.model
+                ));
+            }
+            if a.replica_id.is_empty() {
+                return invalid("replica id is empty".into());
+            }
+            if !ids.insert(a.replica_id.as_str()) {
+                return invalid(format!("replica id {:?} is repeated", a.replica_id));
+            }
+            match self.nodes.get(&a.node_id) {
+                None => return not_found(Entity::Node, a.node_id),
+                Some(n) if n.status == NodeStatus::Removed => {
+                    return conflict(format!("node {} was removed", a.node_id))
+                }
+                Some(_) => {}
+            }
+            if let Some(other) = self.assignments.get(&a.replica_id) {
+                if other.model != model {
+                    return conflict(format!(
+                        "replica id {:?} belongs to model {:?}",
+                        a.replica_id, other.model
+                    ));
+                }
+            }
+        }
+        self.assignments.retain(|_, a| a.model != model);
+        for a in assignments {
+            self.assignments.insert(a.replica_id.clone(), a.clone());
+        }
+        ApplyOutcome::Applied
+    }
+
+    fn upsert_token(&mut self, token: &TokenRecord) -> ApplyOutcome {
+        if token.id.is_empty() {
+            return invalid("token id is empty".into());
+        }
+        let mut token = token.clone();
+        if let Some(old) = self.tokens.get(&token.id) {
+            if old.status == TokenStatus::Revoked {
+                return conflict(format!("token {:?} is revoked", token.id));
+            }
+            token.used = old.used;
+        }
+        self.tokens.insert(token.id.clone(), token);
+        ApplyOutcome::Applied
+    }
+
+    fn revoke_token(&mut self, id: &str) -> ApplyOutcome {
+        let Some(token) = self.tokens.get_mut(id) else {
+            return not_found(Entity::Token, id);
+        };
+        if token.status == TokenStatus::Revoked {
+            return ApplyOutcome::Unchanged;
+        }
+        token.status = TokenStatus::Revoked;
+        ApplyOutcome::Applied
+    }
+
+    fn record_token_usage(&mut self, id: &str, amount: u64) -> ApplyOutcome {
+        let Some(token) = self.tokens.get_mut(id) else {
+            return not_found(Entity::Token, id);
+        };
+        if amount == 0 {
+            return ApplyOutcome::Unchanged;
+        }
+        token.used = token.used.saturating_add(amount);
+        ApplyOutcome::Applied
+    }
+
+    fn submit_job(&mut self, job: &JobRecord, now: u64) -> ApplyOutcome {
+        if job.id.is_empty() {
+            return invalid("job id is empty".into());
+        }
+        if self.jobs.contains_key(&job.id) {
+            return conflict(format!("job {:?} exists", job.id));
+        }
+        if !self.models.contains_key(&job.model) {
+            return not_found(Entity::Model, &job.model);
+        }
+        let record = JobRecord {
+            id: job.id.clone(),
+            model: job.model.clone(),
+            status: JobStatus::Queued,
+            payload: job.payload.clone(),
+            result: None,
+            error: None,
+            lease: None,
+            attempts: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.jobs.insert(record.id.clone(), record);
+        ApplyOutcome::Applied
+    }
+
+    fn lease_job(&mut self, id: &str, lease: Lease, now: u64) -> ApplyOutcome {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return not_found(Entity::Job, id);
+        };
+        if job.status.is_terminal() {
+            return conflict(format!("job {id:?} is finished"));
+        }
+        if lease.expires_at_ms <= now {
+            return invalid(format!(
+                "lease of job {id:?} expires at {} ms, not after now ({now} ms)",
+                lease.expires_at_ms
+            ));
+        }
+        let current = job.lease.map_or(0, |l| l.epoch);
+        if let Some(old) = job.lease {
+            let renewal = job.status == JobStatus::Running
+                && old.node_id == lease.node_id
+                && old.epoch == lease.epoch;
+            if renewal {
+                job.lease = Some(lease);
+                job.updated_at_ms = now;
+                return ApplyOutcome::Applied;
+            }
+            if job.status == JobStatus::Running && old.expires_at_ms > now {
+                return conflict(format!(
+                    "job {id:?} is leased to node {} until {} ms",
+                    old.node_id, old.expires_at_ms
+                ));
+            }
+        }
+        if lease.epoch <= current {
+            return ApplyOutcome::Rejected(Rejection::StaleEpoch {
+                job: id.to_string(),
+                current,
+                given: lease.epoch,
+            });
+        }
+        job.status = JobStatus::Running;
+        job.lease = Some(lease);
+        job.attempts = job.attempts.saturating_add(1);
+        job.updated_at_ms = now;
+        ApplyOutcome::Applied
+    }
+
+    fn complete_job(
+        &mut self,
+        id: &str,
+        epoch: u64,
+        result: &Result<Vec<u8>, String>,
+        now: u64,
+    ) -> ApplyOutcome {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return not_found(Entity::Job, id);
+        };
+        if job.status.is_terminal() {
+            // Published once: a second run's result is dropped.
+            return ApplyOutcome::Unchanged;
+        }
+        let current = job.lease.map_or(0, |l| l.epoch);
+        if job.status != JobStatus::Running || current != epoch {
+            return ApplyOutcome::Rejected(Rejection::StaleEpoch {
+                job: id.to_string(),
+                current,
+                given: epoch,
+            });
+        }
+        match result {
+            Ok(bytes) => {
+                job.status = JobStatus::Succeeded;
+                job.result = Some(bytes.clone());
+            }
+            Err(e) => {
+                job.status = JobStatus::Failed;
+                job.error = Some(e.clone());
+            }
+        }
+        job.updated_at_ms = now;
+        ApplyOutcome::Applied
+    }
+
+    fn cancel_job(&mut self, id: &str, now: u64) -> ApplyOutcome {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return not_found(Entity::Job, id);
+        };
+        if job.status.is_terminal() {
+            return ApplyOutcome::Unchanged;
+        }
+        job.status = JobStatus::Cancelled;
+        job.updated_at_ms = now;
+        ApplyOutcome::Applied
+    }
+}
+
+#[cfg(test)]
+mod tests;
