@@ -21,10 +21,12 @@ Everything is written out with numpy only, in float64:
     residual + LayerNorm;
   - pooling over the real tokens, L2 normalization.
 
-The fixture engines/tests/fixtures/tiny_bert_expected.json was written with:
-  scripts/bert_reference.py engines/tests/fixtures/tiny_bert --variants \\
-      --out engines/tests/fixtures/tiny_bert_expected.json SENTENCE...
-(the sentences are listed in that file).
+The fixtures were written with (--sentences-from takes the sentences of an earlier output):
+  F=engines/tests/fixtures
+  scripts/bert_reference.py $F/tiny_bert --variants \\
+      --sentences-from $F/tiny_bert_expected.json --out $F/tiny_bert_expected.json
+  scripts/bert_reference.py $F/tiny_bert --max-length 8 \\
+      --sentences-from $F/tiny_bert_expected_maxlen8.json --out $F/tiny_bert_expected_maxlen8.json
 """
 
 import argparse
@@ -315,13 +317,20 @@ def rounded(v):
 def main(argv):
     ap = argparse.ArgumentParser(description="numpy reference for candle-bert")
     ap.add_argument("model_dir")
-    ap.add_argument("sentences", nargs="+")
+    ap.add_argument("sentences", nargs="*")
+    ap.add_argument("--sentences-from", help="take the sentences of an earlier output (JSON)")
     ap.add_argument("--pooling", choices=["mean", "cls", "max"], help="default: 1_Pooling/config.json")
     ap.add_argument("--no-normalize", action="store_true")
     ap.add_argument("--max-length", type=int)
     ap.add_argument("--variants", action="store_true", help="also every pooling, normalized and raw")
     ap.add_argument("--out", help="write the JSON here instead of stdout")
     args = ap.parse_args(argv)
+
+    if args.sentences_from:
+        with open(args.sentences_from, encoding="utf-8") as f:
+            args.sentences = json.load(f)["sentences"] + args.sentences
+    if not args.sentences:
+        ap.error("no sentences")
 
     tok = WordPieceTokenizer(os.path.join(args.model_dir, "tokenizer.json"))
     bert = Bert(args.model_dir)

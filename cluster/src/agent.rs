@@ -286,5 +286,56 @@ pub async fn start(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    spawn_reconnector(
+        agent.handle.clone(),
+        agent.server.clone(),
+        config.name.clone(),
+    );
     Ok(agent)
+}
+
+/// Keeps this node connected to every member the cluster state lists: a node restarted
+/// after a crash (or a member whose session dropped) is reached again, without any
+/// `--join`. Stops when the NodeServer stops.
+fn spawn_reconnector(handle: ClusterHandle, server: ActorRef<NodeServerMessage>, me: String) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !matches!(server.get_status(), ractor::ActorStatus::Running) {
+                return;
+            }
+            let Ok(view) = handle.view(false, Duration::from_secs(2)).await else {
+                continue;
+            };
+            let sessions = match ractor::call_t!(server, NodeServerMessage::GetSessions, 2000) {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            let connected: std::collections::HashSet<String> = sessions
+                .values()
+                .filter_map(|s| s.peer_name.as_ref())
+                .map(|n| n.name.split('@').next().unwrap_or_default().to_string())
+                .collect();
+            for m in &view.nodes {
+                let r = &m.record;
+                if r.name == me || connected.contains(&r.name) || r.status == NodeStatus::Removed {
+                    continue;
+                }
+                let addr = r.cluster_addr.clone();
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let attempt = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        ractor_cluster::client_connect(&server, addr.as_str()),
+                    )
+                    .await;
+                    if let Ok(Err(e)) = attempt {
+                        tracing::debug!(%addr, error = ?e, "cannot reach a member yet");
+                    }
+                });
+            }
+        }
+    });
 }

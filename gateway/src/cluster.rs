@@ -2,14 +2,18 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
-use cohort_cluster::{ClusterError, ClusterHandle};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cohort_cluster::{
+    ApplyOutcome, ClusterError, ClusterHandle, Command, ModelRecord, VersionRecord,
+};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::{json_response, AppState};
+use crate::{json_body, json_response, AppState};
 
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -104,4 +108,73 @@ pub async fn remove_node(
     Ok(json_response(
         &json!({"removed": id, "index": committed.index}),
     ))
+}
+
+/// The body of `POST /api/v1/models`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    name: String,
+    engine: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default = "default_version")]
+    version: String,
+}
+
+fn default_version() -> String {
+    "1".into()
+}
+
+const ENGINES: &[&str] = &["candle-mlp", "onnx", "candle-bert", "echo", "sleep", "fail"];
+
+/// `POST /api/v1/models`: registers a model in the replicated cluster state (once
+/// committed on a quorum). 201 when new, 200 when it was already registered. Where its
+/// replicas run is placement's business (a later part); today each node serves the
+/// models of its own configuration.
+pub async fn register_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(&headers, body)?;
+    let b: RegisterBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("malformed registration: {e}")))?;
+    if !cohort_config::valid_name(&b.name) {
+        return Err(ApiError::InvalidInput {
+            message: format!("model name {:?} is not valid", b.name),
+            details: Some(json!({"field": "name"})),
+        });
+    }
+    if !ENGINES.contains(&b.engine.as_str()) {
+        return Err(ApiError::InvalidInput {
+            message: format!("engine must be one of {ENGINES:?}"),
+            details: Some(json!({"field": "engine"})),
+        });
+    }
+    if b.version.is_empty() || b.version.len() > 64 {
+        return Err(ApiError::invalid("version must be 1 to 64 characters"));
+    }
+    let record = ModelRecord {
+        name: b.name.clone(),
+        engine: b.engine,
+        path: b.path,
+        versions: [(b.version, VersionRecord { published: true })]
+            .into_iter()
+            .collect(),
+    };
+    let committed = handle(&state)?
+        .propose(Command::RegisterModel(record), CLUSTER_TIMEOUT)
+        .await
+        .map_err(map_err)?;
+    let (status, created) = match committed.outcome {
+        ApplyOutcome::Applied => (StatusCode::CREATED, true),
+        ApplyOutcome::Unchanged | ApplyOutcome::Duplicate => (StatusCode::OK, false),
+        ApplyOutcome::Rejected(r) => return Err(ApiError::invalid(format!("{r:?}"))),
+    };
+    Ok((
+        status,
+        json_response(&json!({"model": b.name, "created": created, "index": committed.index})),
+    )
+        .into_response())
 }

@@ -61,7 +61,10 @@ pub fn app(state: AppState) -> axum::Router {
             "/api/v1/cluster/nodes/{id}",
             axum::routing::delete(cluster::remove_node),
         )
-        .route("/api/v1/models", get(models::list))
+        .route(
+            "/api/v1/models",
+            get(models::list).post(cluster::register_model),
+        )
         .route("/api/v1/models/{model}", get(models::show))
         .route("/api/v1/models/{model}/infer", post(inference::infer))
         .route("/api/v1/models/{model}/batch", post(inference::batch))
