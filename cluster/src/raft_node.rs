@@ -128,8 +128,10 @@ impl RaftNode {
                 // conf state: a node that joins later starts with an empty log, so the
                 // leader has to send it this snapshot, and with it the voters it must
                 // know before it can apply any later membership change.
-                let mut cs = ConfState::default();
-                cs.voters = voters;
+                let cs = ConfState {
+                    voters,
+                    ..ConfState::default()
+                };
                 let mut snap = Snapshot::default();
                 snap.mut_metadata().index = 1;
                 snap.mut_metadata().term = 1;
