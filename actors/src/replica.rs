@@ -252,6 +252,11 @@ impl ReplicaShared {
         self.state() == ReplicaState::Ready
     }
 
+    /// Requests waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Requests queued or running: the load figure the router balances on.
     pub fn outstanding(&self) -> usize {
         self.queued.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)

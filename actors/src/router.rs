@@ -5,7 +5,9 @@
 //! through the [`RouterHandle`]. Request handlers only read: they take the published
 //! snapshot (one atomic reference count) and pick a replica with the power of two random
 //! choices on outstanding requests (queued + running), a choice that needs no lock and no
-//! message on the request's path. Replica state is read live from each replica, so a
+//! message on the request's path. Models that wait to fill batches
+//! (`max_queue_delay_us > 0`) are routed to fill batches instead: to the replica whose
+//! queue is fullest without holding a full batch yet. Replica state is read live from each replica, so a
 //! replica that is loading, restarting or draining is skipped at once.
 //!
 //! Supervision: the Router has no children. If it dies, the NodeSupervisor restarts it;
@@ -89,6 +91,11 @@ impl RoutingTable {
                 });
             }
             1 => ready[0],
+            _ if route.config.batching.max_queue_delay_us > 0
+                && route.config.batching.max_batch_size > 1 =>
+            {
+                fill_batches(&ready, route.config.batching.max_batch_size)
+            }
             n => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
@@ -104,6 +111,27 @@ impl RoutingTable {
         };
         Ok(Arc::clone(chosen))
     }
+}
+
+/// Batch-filling choice, for models that wait to fill batches (`max_queue_delay_us > 0`):
+/// the replica whose queue is fullest but not yet a full batch, so that waiting requests
+/// gather on one replica and leave as one full batch instead of being split into two
+/// half batches; ties go to the replica with fewer outstanding requests.
+fn fill_batches<'a>(ready: &[&'a Arc<ReplicaShared>], max_batch: usize) -> &'a Arc<ReplicaShared> {
+    let key = |r: &Arc<ReplicaShared>| {
+        let queued = r.queued();
+        let fits = queued < max_batch;
+        (
+            fits,
+            if fits { queued } else { 0 },
+            std::cmp::Reverse(r.outstanding()),
+        )
+    };
+    ready
+        .iter()
+        .copied()
+        .max_by_key(|r| key(r))
+        .unwrap_or(ready[0])
 }
 
 /// Read access to the published routing table. Cheap to clone.

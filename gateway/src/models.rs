@@ -59,7 +59,7 @@ pub async fn list(State(state): State<AppState>) -> Response {
         .into_iter()
         .map(|(_, r)| describe(r, false))
         .collect();
-    json_response(&json!({ "models": models }))
+    json_response(&json!({ "models": models, "devices": state.ctx.devices }))
 }
 
 /// `GET /api/v1/models/{model}`

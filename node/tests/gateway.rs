@@ -457,6 +457,7 @@ async fn models_health_and_metrics_describe_the_node() {
         .filter_map(|m| m["name"].as_str())
         .collect();
     assert_eq!(names, vec!["echo", "mlp"]);
+    assert_eq!(list["devices"][0]["id"], "cpu");
 
     let (s, mlp) = n.get("/api/v1/models/mlp").await;
     assert_eq!(s, 200);
