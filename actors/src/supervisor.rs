@@ -493,11 +493,25 @@ impl SupervisorState {
             status,
             children: Vec::new(),
         };
-        let mut children = vec![leaf(
+        let status = |cell: &ActorCell| format!("{:?}", cell.get_status()).to_lowercase();
+        let mut children = Vec::new();
+        if let Some(agent) = &self.cluster {
+            children.push(leaf(
+                "cluster-listener".into(),
+                "NodeServer",
+                status(&agent.server.get_cell()),
+            ));
+            children.push(leaf(
+                format!("raft {}", agent.handle.node_id()),
+                "RaftActor",
+                status(&agent.raft.get_cell()),
+            ));
+        }
+        children.push(leaf(
             "router".into(),
             "Router",
             format!("{:?}", self.router.get_status()).to_lowercase(),
-        )];
+        ));
         children.push(leaf(
             "gateway".into(),
             "GatewayActor",
@@ -654,6 +668,9 @@ impl Actor for NodeSupervisor {
                     .router
                     .stop_and_wait(Some("shutdown".into()), None)
                     .await;
+                if let Some(agent) = state.cluster.take() {
+                    agent.stop().await;
+                }
                 tracing::info!("node stopped");
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".into()));

@@ -110,7 +110,8 @@ pub fn node_id(data_dir: &Path) -> Result<u64, ClusterError> {
             std::fs::create_dir_all(data_dir).map_err(|e| {
                 ClusterError::Invalid(format!("cannot create {}: {e}", data_dir.display()))
             })?;
-            let id = fastrand::u64(1..u64::MAX >> 1);
+            // Below 2^53, so that JSON readers that hold numbers as doubles keep ids exact.
+            let id = fastrand::u64(1..1u64 << 53);
             let tmp = data_dir.join("node_id.tmp");
             std::fs::write(&tmp, format!("{id}\n"))
                 .and_then(|()| std::fs::rename(&tmp, &path))

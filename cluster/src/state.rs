@@ -257,7 +257,7 @@ pub enum Command {
         /// Its new status.
         status: NodeStatus,
     },
-    /// Forgets a node, and the assignments placed on it.
+    /// Marks a node removed for good (a tombstone) and drops the assignments placed on it.
     RemoveNode {
         /// The node.
         id: NodeId,
@@ -642,10 +642,16 @@ impl ClusterState {
         ApplyOutcome::Applied
     }
 
+    /// Marks a node removed (its record stays as a tombstone, so that a removed node that
+    /// is still running cannot rejoin under the same id) and drops its assignments.
     fn remove_node(&mut self, id: NodeId) -> ApplyOutcome {
-        if self.nodes.remove(&id).is_none() {
+        let Some(node) = self.nodes.get_mut(&id) else {
             return not_found(Entity::Node, id);
+        };
+        if node.status == NodeStatus::Removed {
+            return ApplyOutcome::Unchanged;
         }
+        node.status = NodeStatus::Removed;
         self.assignments.retain(|_, a| a.node_id != id);
         ApplyOutcome::Applied
     }

@@ -42,7 +42,7 @@ pub use tensor::{concat_maps, split_map, DType, ShapeError, Tensor, TensorData, 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The model could not be loaded.
-    #[error("cannot load model from {path}: {reason}")]
+    #[error("cannot load {path}: {reason}")]
     Load { path: String, reason: String },
     /// The inputs do not match the model's metadata.
     #[error(transparent)]

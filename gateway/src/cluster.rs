@@ -44,8 +44,12 @@ fn map_err(e: ClusterError) -> ApiError {
 /// `GET /api/v1/cluster[?consistent=true]`
 pub async fn status(
     State(state): State<AppState>,
-    Query(q): Query<ClusterQuery>,
+    query: Result<Query<ClusterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidInput {
+        message: format!("bad query string: {}", e.body_text()),
+        details: Some(json!({"field": "consistent", "expected": "true or false"})),
+    })?;
     let view = handle(&state)?
         .view(q.consistent, CLUSTER_TIMEOUT)
         .await
@@ -91,15 +95,19 @@ pub async fn status(
 /// `DELETE /api/v1/cluster/nodes/{id}`: removes a member.
 pub async fn remove_node(
     State(state): State<AppState>,
-    Path(id): Path<u64>,
+    path: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::InvalidInput {
+        message: format!("a member id is a number: {}", e.body_text()),
+        details: Some(json!({"field": "id"})),
+    })?;
     let cluster = handle(&state)?;
     let view = cluster
         .view(false, CLUSTER_TIMEOUT)
         .await
         .map_err(map_err)?;
     if !view.raft.voters.contains(&id) && !view.raft.learners.contains(&id) {
-        return Err(ApiError::NotFound(format!("cluster member {id}")));
+        return Err(ApiError::NotFound(format!("cluster member {id} not found")));
     }
     let committed = cluster
         .remove_member(id, CLUSTER_TIMEOUT)

@@ -31,8 +31,8 @@ pub enum ApiError {
     /// No such model.
     #[error("model {0:?} not found")]
     ModelNotFound(String),
-    /// No such route.
-    #[error("no route for {0}")]
+    /// No such route or resource (the message says which).
+    #[error("{0}")]
     NotFound(String),
     /// The route exists, the method does not.
     #[error("method not allowed")]

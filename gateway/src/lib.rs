@@ -78,7 +78,11 @@ pub fn app(state: AppState) -> axum::Router {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::NotFound(format!("{} {}", req.method(), req.uri().path()))
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 /// Gives each request an id (the client's `x-request-id` when it is sane), puts it on the

@@ -237,7 +237,7 @@ fn nodes_upsert_status_remove() {
         ApplyOutcome::Applied
     );
 
-    // RemoveNode forgets the node and the replicas placed on it.
+    // RemoveNode marks the node removed (a tombstone) and drops the replicas placed on it.
     assert_eq!(
         d.run(Command::SetAssignments {
             model: "mlp".into(),
@@ -246,10 +246,19 @@ fn nodes_upsert_status_remove() {
         ApplyOutcome::Applied
     );
     assert_eq!(d.run(Command::RemoveNode { id: 3 }), ApplyOutcome::Applied);
-    assert!(!d.state.nodes.contains_key(&3));
+    assert_eq!(d.state.nodes[&3].status, NodeStatus::Removed);
     assert_eq!(d.state.assignments.keys().collect::<Vec<_>>(), vec!["r1"]);
+    assert_eq!(
+        d.run(Command::RemoveNode { id: 3 }),
+        ApplyOutcome::Unchanged
+    );
+    // A removed node cannot come back under its id.
     assert!(matches!(
-        rejected(&d.run(Command::RemoveNode { id: 3 })),
+        rejected(&d.run(Command::UpsertNode(node(3, "gpu-2")))),
+        Rejection::Conflict(_)
+    ));
+    assert!(matches!(
+        rejected(&d.run(Command::RemoveNode { id: 99 })),
         Rejection::NotFound { .. }
     ));
 }
