@@ -89,9 +89,7 @@ async fn failover(runs: usize) -> Result<()> {
         while killed.elapsed() < Duration::from_secs(30) {
             let mut ids = Vec::new();
             for &i in &survivors {
-                let s = cluster
-                    .get_status(i, "/api/v1/cluster", Duration::from_millis(500))
-                    .await;
+                let s = cluster.get(i, "/api/v1/cluster").await;
                 if let Ok(r) = s {
                     ids.push(r.body["raft"]["leader_id"].as_u64().unwrap_or(0));
                 }
@@ -208,10 +206,7 @@ async fn restart(entries: u64) -> Result<()> {
     let mut ready_ms = None;
     let mut synced = None;
     while started.elapsed() < Duration::from_secs(60) {
-        if let Ok(r) = cluster
-            .get_status(follower, "/api/v1/cluster", Duration::from_millis(500))
-            .await
-        {
+        if let Ok(r) = cluster.get(follower, "/api/v1/cluster").await {
             if ready_ms.is_none() && r.status == 200 {
                 ready_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
             }
