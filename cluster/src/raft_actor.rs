@@ -544,7 +544,7 @@ impl Actor for RaftActor {
                 state.node.tick();
                 state.ticks += 1;
                 let per_second = (1000 / state.settings.tick.as_millis().max(1)) as u64;
-                if state.ticks % per_second.max(1) == 0 {
+                if state.ticks.is_multiple_of(per_second.max(1)) {
                     state.housekeeping(&myself);
                     state.expire_forwards(Duration::from_secs(10));
                 }
