@@ -236,19 +236,22 @@ impl RaftActorState {
             self.node.propose(&env, reply);
             return;
         }
+        let from = self.id();
+        self.forward_to_leader(|req| Wire::Forward { from, req, env }, reply);
+    }
+
+    /// Sends a request to the leader, remembering `reply` until the leader's
+    /// [`Wire::ForwardDone`] comes back; answers NotLeader at once when no leader is known
+    /// or it cannot be reached.
+    fn forward_to_leader(&mut self, wire: impl FnOnce(u64) -> Wire, reply: ProposeReply) {
         let leader = self.node.leader_id();
         if leader == 0 {
-            let _ = reply.send(Err(ClusterError::NotLeader { leader: 0 }));
+            let _ = reply.send(Err(ClusterError::NotLeader { leader }));
             return;
         }
         self.next_req += 1;
         let req = self.next_req;
-        let wire = Wire::Forward {
-            from: self.id(),
-            req,
-            env,
-        };
-        if self.send_wire(leader, &wire) {
+        if self.send_wire(leader, &wire(req)) {
             self.forwards.insert(req, (reply, Instant::now()));
         } else {
             let _ = reply.send(Err(ClusterError::NotLeader { leader }));
@@ -565,19 +568,8 @@ impl Actor for RaftActor {
                         .node
                         .propose_conf_change(ConfChangeType::RemoveNode, id, None, reply);
                 } else {
-                    let leader = state.node.leader_id();
-                    state.next_req += 1;
-                    let req = state.next_req;
-                    let wire = Wire::ForwardRemove {
-                        from: state.id(),
-                        req,
-                        id,
-                    };
-                    if leader != 0 && state.send_wire(leader, &wire) {
-                        state.forwards.insert(req, (reply, Instant::now()));
-                    } else {
-                        let _ = reply.send(Err(ClusterError::NotLeader { leader }));
-                    }
+                    let from = state.id();
+                    state.forward_to_leader(|req| Wire::ForwardRemove { from, req, id }, reply);
                 }
                 state.schedule_ready(&myself);
             }
