@@ -113,12 +113,19 @@ pub fn resolve_cookie(config: &NodeConfig) -> Result<String, NodeError> {
 fn cluster_config(ctx: &NodeContext) -> Result<cohort_cluster::ClusterConfig, NodeError> {
     let cfg = &ctx.config;
     let http = cfg.http_addr.to_string();
-    let mut c = cohort_cluster::ClusterConfig::new(
-        &cfg.node_name,
-        cfg.cluster.cluster_addr,
-        &http,
-        &cfg.data_dir,
-    );
+    // Port 0 (a cluster of one): pick a free port now, so that the address the cluster
+    // records is one that can be reached.
+    let mut cluster_addr = cfg.cluster.cluster_addr;
+    if cluster_addr.port() == 0 {
+        if let Ok(port) = std::net::TcpListener::bind(cluster_addr)
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+        {
+            cluster_addr.set_port(port);
+        }
+    }
+    let mut c =
+        cohort_cluster::ClusterConfig::new(&cfg.node_name, cluster_addr, &http, &cfg.data_dir);
     c.join = cfg.cluster.join.clone();
     c.cookie = resolve_cookie(cfg)?;
     c.tick = Duration::from_millis(cfg.cluster.tick_ms);

@@ -199,13 +199,19 @@ async fn up(args: UpArgs, cluster: ClusterFlags) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut node = cohort_actors::start(
+    let starting = cohort_actors::start(
         config,
         Arc::new(cohort_gateway::HttpGateway),
         cohort_actors::RestartPolicy::default(),
-    )
-    .await
-    .context("cannot start the node")?;
+    );
+    // A signal while starting (for instance while waiting to join a cluster) stops at once.
+    let mut node = tokio::select! {
+        node = starting => node.context("cannot start the node")?,
+        _ = signalled.wait_for(|s| *s) => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+    };
     let addr = node
         .ctx()
         .http_addr()
