@@ -64,6 +64,26 @@ pub async fn start_with(models: Vec<ModelConfig>, tweak: impl FnOnce(&mut NodeCo
         .expect("node starts");
     let addr = node.ctx().http_addr().expect("gateway bound");
     assert!(node.wait_ready(Duration::from_secs(20)).await, "node ready");
+    // Ready means one replica per model; tests also want the others loaded (or failed).
+    let router = node.ctx().router.clone();
+    let all_loaded = || {
+        let router = router.clone();
+        async move {
+            router.snapshot().models().iter().all(|(_, m)| {
+                m.replicas.iter().all(|r| {
+                    !matches!(
+                        r.state(),
+                        cohort_actors::ReplicaState::Loading
+                            | cohort_actors::ReplicaState::Restarting
+                    )
+                })
+            })
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(20), all_loaded).await,
+        "replicas loaded"
+    );
     TestNode {
         node,
         url: format!("http://{addr}"),
