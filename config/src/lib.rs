@@ -813,6 +813,23 @@ mod tests {
     }
 
     #[test]
+    fn every_listed_env_var_is_applied() {
+        for (var, field) in ENV_VARS {
+            let value = match *field {
+                "http_addr" | "cluster.cluster_addr" => "127.0.0.1:7777",
+                "builtin_models" => "false",
+                f if f.starts_with("limits.") => "4096",
+                _ => "/some/where",
+            };
+            let mut cfg = NodeConfig::default();
+            let before = cfg.clone();
+            cfg.apply_env(vec![(var.to_string(), value.to_string())])
+                .unwrap_or_else(|e| panic!("{var}: {e}"));
+            assert_ne!(cfg, before, "{var} changed nothing");
+        }
+    }
+
+    #[test]
     fn bad_env_value_names_the_variable() {
         let env = vec![("COHORT_HTTP_ADDR".to_string(), "nope".to_string())];
         let err = NodeConfig::load(None, env, &Overrides::default()).unwrap_err();
