@@ -154,6 +154,13 @@ impl Metrics {
         }
     }
 
+    /// Engine calls (batches) a model has run.
+    pub fn batches(&self, model: &str) -> u64 {
+        self.batch_size
+            .with_label_values(&[model])
+            .get_sample_count()
+    }
+
     /// The Prometheus text exposition, with gauges read from `table` now.
     pub fn render(&self, table: &RoutingTable, uptime_s: u64) -> String {
         self.uptime.set(uptime_s as i64);

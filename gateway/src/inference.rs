@@ -74,22 +74,18 @@ struct InferResponse<'a> {
 }
 
 /// A request queued on a replica, waiting for its answer.
-struct Queued {
+pub(crate) struct Queued {
     replica: Arc<ReplicaShared>,
     rx: oneshot::Receiver<Result<InferOutput, InferError>>,
     deadline: tokio::time::Instant,
     timeout_ms: u64,
 }
 
-/// Checks a request and queues it on a replica of `model`.
-fn submit(
-    state: &AppState,
-    model: &str,
-    body: InferBody,
-    request_id: &str,
-) -> Result<Queued, ApiError> {
+/// Checks a request's deadline: the node's default when none is given, else within
+/// `1..=limits.max_request_timeout_ms`.
+fn check_timeout(state: &AppState, timeout_ms: Option<u64>) -> Result<u64, ApiError> {
     let limits = &state.ctx.config.limits;
-    let timeout_ms = body.timeout_ms.unwrap_or(limits.request_timeout_ms);
+    let timeout_ms = timeout_ms.unwrap_or(limits.request_timeout_ms);
     if timeout_ms == 0 || timeout_ms > limits.max_request_timeout_ms {
         return Err(ApiError::InvalidInput {
             message: format!(
@@ -99,6 +95,17 @@ fn submit(
             details: Some(json!({"field": "timeout_ms"})),
         });
     }
+    Ok(timeout_ms)
+}
+
+/// Checks a request and queues it on a replica of `model`.
+pub(crate) fn submit(
+    state: &AppState,
+    model: &str,
+    body: InferBody,
+    request_id: &str,
+) -> Result<Queued, ApiError> {
+    let timeout_ms = check_timeout(state, body.timeout_ms)?;
     let priority = match body.priority.as_deref() {
         None => Priority::Normal,
         Some(p) => Priority::parse(p).ok_or_else(|| ApiError::InvalidInput {
@@ -126,6 +133,46 @@ fn submit(
         let t = tensor_from_json(spec, value).map_err(InferError::InvalidInput)?;
         inputs.insert(name.clone(), t);
     }
+    enqueue(
+        state, model, replica, inputs, priority, timeout_ms, request_id,
+    )
+}
+
+/// Queues inputs that are already tensors (the KServe path) on a replica of `model`: the
+/// same checks against the model's metadata, queueing and retries as [`submit`].
+pub(crate) fn submit_tensors(
+    state: &AppState,
+    model: &str,
+    inputs: TensorMap,
+    timeout_ms: Option<u64>,
+    request_id: &str,
+) -> Result<Queued, ApiError> {
+    let timeout_ms = check_timeout(state, timeout_ms)?;
+    let replica = state.ctx.router.pick(model)?;
+    enqueue(
+        state,
+        model,
+        replica,
+        inputs,
+        Priority::Normal,
+        timeout_ms,
+        request_id,
+    )
+}
+
+/// Checks `inputs` against the replica's metadata and queues them on it.
+fn enqueue(
+    state: &AppState,
+    model: &str,
+    replica: Arc<ReplicaShared>,
+    inputs: TensorMap,
+    priority: Priority,
+    timeout_ms: u64,
+    request_id: &str,
+) -> Result<Queued, ApiError> {
+    let meta = replica
+        .metadata()
+        .ok_or_else(|| ApiError::NoReplica(format!("model {model:?} has not finished loading")))?;
     let rows = meta
         .check_inputs(&inputs)
         .map_err(InferError::InvalidInput)?;
@@ -173,7 +220,7 @@ fn submit(
 }
 
 /// Waits for a queued request's answer until its deadline.
-async fn answer(q: Queued) -> Result<InferOutput, ApiError> {
+pub(crate) async fn answer(q: Queued) -> Result<InferOutput, ApiError> {
     match tokio::time::timeout_at(q.deadline, q.rx).await {
         Ok(Ok(result)) => result.map_err(ApiError::from),
         Ok(Err(_closed)) => Err(ApiError::InferenceFailed(format!(
@@ -194,7 +241,13 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     })
 }
 
-fn record(state: &AppState, model: &str, endpoint: &str, status: StatusCode, started: Instant) {
+pub(crate) fn record(
+    state: &AppState,
+    model: &str,
+    endpoint: &str,
+    status: StatusCode,
+    started: Instant,
+) {
     let m = &state.ctx.metrics;
     // Only served models become label values: a client cannot grow the metrics by
     // inventing model names.

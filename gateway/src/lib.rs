@@ -14,6 +14,7 @@ mod cluster;
 pub mod error;
 mod health;
 mod inference;
+mod kserve;
 mod models;
 pub mod tensor_json;
 
@@ -71,6 +72,37 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/api/v1/models/{model}/scale", post(models::scale))
         .route("/api/v1/models/{model}/unload", post(models::unload))
         .route("/api/v1/models/{model}/preload", post(models::preload))
+        .route("/v2", get(kserve::server_metadata))
+        .route("/v2/health/live", get(kserve::live))
+        .route("/v2/health/ready", get(kserve::ready))
+        .route("/v2/models/{model}", get(kserve::model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(kserve::model_metadata),
+        )
+        .route("/v2/models/{model}/ready", get(kserve::model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(kserve::model_ready),
+        )
+        .route("/v2/models/{model}/config", get(kserve::model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(kserve::model_config),
+        )
+        .route("/v2/models/{model}/stats", get(kserve::model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(kserve::model_stats),
+        )
+        .route("/v2/models/{model}/infer", post(kserve::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(kserve::infer),
+        )
+        .route("/v2/repository/index", post(kserve::repository_index))
+        .route("/v2/repository/models/{model}/load", post(kserve::load))
+        .route("/v2/repository/models/{model}/unload", post(kserve::unload))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(request_id))

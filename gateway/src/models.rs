@@ -85,7 +85,7 @@ struct ScaleBody {
 const PRELOAD_WAIT: Duration = Duration::from_secs(60);
 
 /// Sends a replica change to the supervisor and maps its answer.
-async fn control(
+pub(crate) async fn control(
     state: &AppState,
     msg: impl FnOnce(ractor::RpcReplyPort<Result<(), ControlError>>) -> SupervisorMsg,
 ) -> Result<(), ApiError> {

@@ -72,14 +72,37 @@ pub struct BenchArgs {
     /// report.
     #[arg(long)]
     pub json: bool,
+
+    /// Wire protocol: `rest` (Cohort's /api/v1 JSON), `kserve-json` (KServe v2
+    /// JSON to /v2/models/{model}/infer) or `kserve-binary` (Triton's binary
+    /// tensor extension: raw little-endian inputs, binary outputs).
+    #[arg(long, value_enum, default_value_t = Protocol::Rest)]
+    pub protocol: Protocol,
+}
+
+/// The wire protocol `cohort bench` speaks.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// POST /api/v1/models/{model}/infer with {"inputs": {name: nested arrays}}.
+    #[default]
+    Rest,
+    /// POST /v2/models/{model}/infer with a KServe v2 JSON request.
+    KserveJson,
+    /// POST /v2/models/{model}/infer with Triton's binary tensor extension.
+    KserveBinary,
 }
 
 /// Runs `cohort bench`: builds the request body, runs the load and prints the
 /// report on stdout (progress notes go to stderr, and none with --json).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let base = BaseUrl::parse(&args.url)?;
+    let mut inference_header = None;
     let body = match &args.body {
         Some(file) => {
+            ensure!(
+                args.protocol != Protocol::KserveBinary,
+                "--body cannot be used with --protocol kserve-binary"
+            );
             let raw = std::fs::read(file)
                 .with_context(|| format!("cannot read request body {}", file.display()))?;
             serde_json::from_slice::<Value>(&raw)
@@ -87,20 +110,38 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Bytes::from(raw)
         }
         None => {
-            let metadata = fetch_metadata(&base, &args.model).await?;
-            let request =
-                build_request_body(&metadata, &mut fastrand::Rng::new()).with_context(|| {
-                    format!(
-                        "cannot build a request for model {:?} from its metadata; \
-                         pass one with --body",
-                        args.model
-                    )
-                })?;
-            Bytes::from(serde_json::to_vec(&request)?)
+            let metadata = fetch_metadata(&base, &args.model, args.protocol).await?;
+            let mut rng = fastrand::Rng::new();
+            let built = match args.protocol {
+                Protocol::Rest => build_request_body(&metadata, &mut rng)
+                    .and_then(|v| Ok(Bytes::from(serde_json::to_vec(&v)?))),
+                Protocol::KserveJson => build_kserve_json(&metadata, &mut rng)
+                    .and_then(|v| Ok(Bytes::from(serde_json::to_vec(&v)?))),
+                Protocol::KserveBinary => {
+                    build_kserve_binary(&metadata, &mut rng).map(|(body, header_len)| {
+                        inference_header = Some(header_len);
+                        body
+                    })
+                }
+            };
+            built.with_context(|| {
+                format!(
+                    "cannot build a request for model {:?} from its metadata; \
+                     pass one with --body",
+                    args.model
+                )
+            })?
         }
     };
-    let path = request_path(&args.model, args.path.as_deref())?;
-    let target = Target::new(base, &path)?;
+    let default_path = match args.protocol {
+        Protocol::Rest => None,
+        Protocol::KserveJson | Protocol::KserveBinary => Some("/v2/models/{model}/infer"),
+    };
+    let path = request_path(&args.model, args.path.as_deref().or(default_path))?;
+    let mut target = Target::new(base, &path)?;
+    if let Some(n) = inference_header {
+        target.inference_header = Some(HeaderValue::from(n));
+    }
     let concurrency = usize::try_from(args.concurrency)?;
 
     if !args.json {
@@ -219,6 +260,8 @@ struct Target {
     base: BaseUrl,
     uri: Uri,
     host_header: HeaderValue,
+    /// `Inference-Header-Content-Length` of a KServe binary request.
+    inference_header: Option<HeaderValue>,
 }
 
 impl Target {
@@ -230,6 +273,7 @@ impl Target {
             base,
             uri,
             host_header,
+            inference_header: None,
         })
     }
 
@@ -238,13 +282,21 @@ impl Target {
     }
 
     fn post(&self, body: Bytes) -> anyhow::Result<Request<Full<Bytes>>> {
-        Ok(Request::builder()
+        let builder = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
             .header(HOST, self.host_header.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(USER_AGENT, HeaderValue::from_static("cohort-bench"))
-            .body(Full::new(body))?)
+            .header(USER_AGENT, HeaderValue::from_static("cohort-bench"));
+        let builder = match &self.inference_header {
+            None => builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            Some(n) => builder
+                .header(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                )
+                .header(INFERENCE_HEADER_CONTENT_LENGTH, n.clone()),
+        };
+        Ok(builder.body(Full::new(body))?)
     }
 }
 
@@ -309,10 +361,19 @@ impl Connection {
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The header of Triton's binary tensor extension.
+const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
 /// `GET {base}/api/v1/models/{model}`; anything but 200 is an error that
 /// carries the status and the body.
-async fn fetch_metadata(base: &BaseUrl, model: &str) -> anyhow::Result<Value> {
-    let path = format!("/api/v1/models/{}", encode_path_segment(model));
+/// KServe modes read `GET {base}/v2/models/{model}` instead.
+async fn fetch_metadata(base: &BaseUrl, model: &str, protocol: Protocol) -> anyhow::Result<Value> {
+    let path = match protocol {
+        Protocol::Rest => format!("/api/v1/models/{}", encode_path_segment(model)),
+        Protocol::KserveJson | Protocol::KserveBinary => {
+            format!("/v2/models/{}", encode_path_segment(model))
+        }
+    };
     let uri = base.uri(&path)?;
     let url = format!("http://{}{}", base.host_header, uri);
     let request = Request::builder()
@@ -434,6 +495,120 @@ fn random_scalar(dtype: Dtype, rng: &mut fastrand::Rng) -> Value {
         Dtype::Bool => Value::from(rng.bool()),
         Dtype::Str => Value::from(SENTENCES[rng.usize(..SENTENCES.len())]),
     }
+}
+
+/// One input of KServe v2 model metadata (`GET /v2/models/{model}`).
+#[derive(Debug, Deserialize)]
+struct KserveSpec {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct KserveMetadata {
+    inputs: Vec<KserveSpec>,
+}
+
+/// The generator's kind of a KServe datatype.
+fn kserve_dtype(datatype: &str) -> anyhow::Result<Dtype> {
+    Ok(match datatype {
+        "FP32" | "FP64" => Dtype::Float,
+        "INT64" | "INT32" | "INT8" | "UINT8" => Dtype::Int,
+        "BOOL" => Dtype::Bool,
+        "BYTES" => Dtype::Str,
+        other => bail!("unsupported datatype {other:?}"),
+    })
+}
+
+/// One generated input: name, KServe datatype, shape, flat values.
+type GeneratedInput = (String, String, Vec<usize>, Vec<Value>);
+
+/// Random flat data for each input of KServe metadata.
+fn kserve_inputs(metadata: &Value, rng: &mut fastrand::Rng) -> anyhow::Result<Vec<GeneratedInput>> {
+    let metadata =
+        KserveMetadata::deserialize(metadata).context("unexpected KServe model metadata")?;
+    metadata
+        .inputs
+        .into_iter()
+        .map(|input| {
+            let dtype =
+                kserve_dtype(&input.datatype).with_context(|| format!("input {:?}", input.name))?;
+            let shape =
+                concrete_shape(&input.shape).with_context(|| format!("input {:?}", input.name))?;
+            let count: usize = shape.iter().product();
+            let values = (0..count).map(|_| random_scalar(dtype, rng)).collect();
+            Ok((input.name, input.datatype, shape, values))
+        })
+        .collect()
+}
+
+/// Builds a KServe v2 JSON infer request from KServe metadata: flat `data`, the same
+/// shapes and values as [`build_request_body`].
+fn build_kserve_json(metadata: &Value, rng: &mut fastrand::Rng) -> anyhow::Result<Value> {
+    let inputs: Vec<Value> = kserve_inputs(metadata, rng)?
+        .into_iter()
+        .map(|(name, datatype, shape, data)| {
+            serde_json::json!({"name": name, "shape": shape, "datatype": datatype, "data": data})
+        })
+        .collect();
+    Ok(serde_json::json!({ "inputs": inputs }))
+}
+
+/// Appends one value as raw little-endian bytes of `datatype` (BYTES: 4-byte length
+/// prefix).
+fn push_binary(datatype: &str, v: &Value, out: &mut Vec<u8>) -> anyhow::Result<()> {
+    let float = || v.as_f64().ok_or_else(|| anyhow!("{v} is not a number"));
+    let int = || v.as_i64().ok_or_else(|| anyhow!("{v} is not an integer"));
+    match datatype {
+        "FP32" => out.extend_from_slice(&(float()? as f32).to_le_bytes()),
+        "FP64" => out.extend_from_slice(&float()?.to_le_bytes()),
+        "INT64" => out.extend_from_slice(&int()?.to_le_bytes()),
+        "INT32" => out.extend_from_slice(&i32::try_from(int()?)?.to_le_bytes()),
+        "INT8" => out.extend_from_slice(&i8::try_from(int()?)?.to_le_bytes()),
+        "UINT8" => out.push(u8::try_from(int()?)?),
+        "BOOL" => out.push(u8::from(
+            v.as_bool().ok_or_else(|| anyhow!("{v} is not a boolean"))?,
+        )),
+        "BYTES" => {
+            let s = v.as_str().ok_or_else(|| anyhow!("{v} is not a string"))?;
+            out.extend_from_slice(&u32::try_from(s.len())?.to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        other => bail!("unsupported datatype {other:?}"),
+    }
+    Ok(())
+}
+
+/// Builds a request of Triton's binary tensor extension: the JSON header (each input with
+/// `parameters.binary_data_size`, binary outputs asked for), then each input's raw bytes
+/// in order. Returns the body and the header's length (`Inference-Header-Content-Length`).
+fn build_kserve_binary(
+    metadata: &Value,
+    rng: &mut fastrand::Rng,
+) -> anyhow::Result<(Bytes, usize)> {
+    let mut raw = Vec::new();
+    let mut inputs = Vec::new();
+    for (name, datatype, shape, data) in kserve_inputs(metadata, rng)? {
+        let before = raw.len();
+        for v in &data {
+            push_binary(&datatype, v, &mut raw).with_context(|| format!("input {name:?}"))?;
+        }
+        inputs.push(serde_json::json!({
+            "name": name,
+            "shape": shape,
+            "datatype": datatype,
+            "parameters": {"binary_data_size": raw.len() - before},
+        }));
+    }
+    let header = serde_json::json!({
+        "inputs": inputs,
+        "parameters": {"binary_data_output": true},
+    });
+    let mut body = serde_json::to_vec(&header)?;
+    let header_len = body.len();
+    body.extend_from_slice(&raw);
+    Ok((Bytes::from(body), header_len))
 }
 
 // ---------------------------------------------------------------------------
@@ -785,6 +960,78 @@ mod tests {
         assert!(build_request_body(&no_inputs, &mut rng).is_err());
     }
 
+    fn kserve_meta() -> Value {
+        serde_json::json!({
+            "name": "m", "versions": ["1"], "platform": "cohort-onnx",
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+                {"name": "ids", "datatype": "INT64", "shape": [-1, 3]},
+                {"name": "s", "datatype": "BYTES", "shape": [-1]},
+                {"name": "b", "datatype": "BOOL", "shape": [2]}
+            ],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}]
+        })
+    }
+
+    #[test]
+    fn builds_kserve_json_request() {
+        let body = build_kserve_json(&kserve_meta(), &mut fastrand::Rng::with_seed(3))
+            .expect("valid metadata");
+        let inputs = body["inputs"].as_array().expect("inputs list");
+        assert_eq!(inputs.len(), 4);
+        assert_eq!(inputs[0]["name"], "x");
+        assert_eq!(inputs[0]["datatype"], "FP32");
+        assert_eq!(inputs[0]["shape"], serde_json::json!([1, 4]));
+        assert_eq!(inputs[0]["data"].as_array().map(Vec::len), Some(4));
+        assert_eq!(inputs[1]["data"].as_array().map(Vec::len), Some(3));
+        assert!(inputs[2]["data"][0].is_string());
+        assert_eq!(inputs[3]["shape"], serde_json::json!([2]));
+        let bad =
+            serde_json::json!({"inputs": [{"name": "x", "datatype": "UINT16", "shape": [1]}]});
+        assert!(build_kserve_json(&bad, &mut fastrand::Rng::with_seed(3)).is_err());
+    }
+
+    #[test]
+    fn builds_kserve_binary_request() {
+        let (body, n) = build_kserve_binary(&kserve_meta(), &mut fastrand::Rng::with_seed(3))
+            .expect("valid metadata");
+        let header: Value = serde_json::from_slice(&body[..n]).expect("JSON header");
+        assert_eq!(header["parameters"]["binary_data_output"], true);
+        let inputs = header["inputs"].as_array().expect("inputs list");
+        assert!(inputs.iter().all(|i| i.get("data").is_none()));
+        let sizes: Vec<u64> = inputs
+            .iter()
+            .map(|i| i["parameters"]["binary_data_size"].as_u64().expect("size"))
+            .collect();
+        assert_eq!(sizes[0], 16, "1x4 FP32");
+        assert_eq!(sizes[1], 24, "1x3 INT64");
+        assert_eq!(sizes[3], 2, "two BOOL bytes");
+        let raw = &body[n..];
+        assert_eq!(raw.len() as u64, sizes.iter().sum::<u64>());
+        // The first input's floats are in [-1, 1].
+        for c in raw[..16].chunks_exact(4) {
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            assert!((-1.0..=1.0).contains(&v), "{v}");
+        }
+        // BYTES: a 4-byte little-endian length, then the text.
+        let s = &raw[40..40 + sizes[2] as usize];
+        let len = u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize;
+        assert_eq!(len + 4, s.len());
+        assert!(std::str::from_utf8(&s[4..]).is_ok());
+    }
+
+    #[test]
+    fn kserve_targets_send_the_binary_header() {
+        let base = BaseUrl::parse("http://127.0.0.1:8000").expect("url");
+        let path = request_path("mlp", Some("/v2/models/{model}/infer")).expect("path");
+        let mut target = Target::new(base, &path).expect("target");
+        assert_eq!(target.uri, "/v2/models/mlp/infer");
+        target.inference_header = Some(HeaderValue::from(42usize));
+        let req = target.post(Bytes::from_static(b"x")).expect("request");
+        assert_eq!(req.headers()[INFERENCE_HEADER_CONTENT_LENGTH], "42");
+        assert_eq!(req.headers()[CONTENT_TYPE], "application/octet-stream");
+    }
+
     #[test]
     fn report_percentiles_and_json() {
         let mut report = Report::empty(4, Duration::from_secs(2)).expect("histogram");
@@ -874,6 +1121,11 @@ mod tests {
         assert_eq!(args.duration, Duration::from_secs(10));
         assert_eq!(args.warmup, Duration::from_secs(1));
         assert!(args.body.is_none() && args.path.is_none() && !args.json);
+        assert_eq!(args.protocol, Protocol::Rest);
+        let cli = Cli::try_parse_from(["bench", "--model", "m", "--protocol", "kserve-binary"])
+            .expect("protocol");
+        assert_eq!(cli.bench.protocol, Protocol::KserveBinary);
+        assert!(Cli::try_parse_from(["bench", "--model", "m", "--protocol", "grpc"]).is_err());
         let cli = Cli::try_parse_from([
             "bench",
             "--model",
@@ -1048,12 +1300,16 @@ mod tests {
             r#"{"name":"mlp","inputs":[{"name":"x","dtype":"f32","shape":[-1,4]}],"outputs":[]}"#;
         let addr = spawn_server("200 OK", meta).await;
         let base = BaseUrl::parse(&format!("http://{addr}")).expect("url");
-        let value = fetch_metadata(&base, "mlp").await.expect("metadata");
+        let value = fetch_metadata(&base, "mlp", Protocol::Rest)
+            .await
+            .expect("metadata");
         assert_eq!(value["inputs"][0]["shape"], serde_json::json!([-1, 4]));
 
         let addr = spawn_server("404 Not Found", r#"{"error":"model not found: nope"}"#).await;
         let base = BaseUrl::parse(&format!("http://{addr}")).expect("url");
-        let err = fetch_metadata(&base, "nope").await.expect_err("404");
+        let err = fetch_metadata(&base, "nope", Protocol::Rest)
+            .await
+            .expect_err("404");
         let msg = format!("{err:#}");
         assert!(
             msg.contains("404") && msg.contains("model not found: nope"),
