@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python3 -c 'import numpy, onnx, onnxruntime, tritonclient.http' >/dev/null 2>&1; then
+if ! python3 -c 'import numpy, onnx, onnxruntime, tritonclient.http, openai' >/dev/null 2>&1; then
     echo "== installing the Python test dependencies"
     python3 -m pip install --quiet -r scripts/requirements-test.txt \
         || python3 -m pip install --quiet --break-system-packages -r scripts/requirements-test.txt

@@ -16,6 +16,7 @@ mod health;
 mod inference;
 mod kserve;
 mod models;
+mod openai;
 pub mod tensor_json;
 
 use std::net::SocketAddr;
@@ -103,6 +104,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/v2/repository/index", post(kserve::repository_index))
         .route("/v2/repository/models/{model}/load", post(kserve::load))
         .route("/v2/repository/models/{model}/unload", post(kserve::unload))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/embeddings", post(openai::embeddings))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(request_id))
