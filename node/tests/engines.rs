@@ -12,13 +12,6 @@ use cohort_config::{EngineKind, ModelConfig};
 use common::*;
 use serde_json::{json, Value};
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
 /// The generated ONNX models, made once per test process.
 fn onnx_models() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

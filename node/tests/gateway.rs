@@ -44,20 +44,6 @@ fn reference_mlp(path: &std::path::Path, x: &[f32]) -> Vec<f32> {
     h
 }
 
-fn row(seed: usize) -> Vec<f32> {
-    (0..64)
-        .map(|i| ((seed * 64 + i) as f32 * 0.173).sin())
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mlp_outputs_equal_a_plain_matrix_product_single_and_batched() {
     let n = start(vec![]).await;

@@ -11,24 +11,6 @@ use serde_json::{json, Value};
 
 const HCL: &str = "inference-header-content-length";
 
-fn row(seed: usize) -> Vec<f32> {
-    (0..64)
-        .map(|i| ((seed * 64 + i) as f32 * 0.173).sin())
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
-}
-
-fn close(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6)
-}
-
 /// The native endpoint's `y` for one row of `mlp`.
 async fn native_y(n: &TestNode, x: &[f32]) -> Vec<f32> {
     let (status, _, body) = n.infer("mlp", &json!({"inputs": {"x": [x]}})).await;
@@ -387,38 +369,7 @@ async fn repository_index_unload_and_load() {
 /// Triton's own HTTP client (`tritonclient[http]`) against a real node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_python_script_passes() {
-    let check = std::process::Command::new("python3")
-        .args(["-c", "import numpy, tritonclient.http"])
-        .output();
-    match check {
-        Err(e) => panic!(
-            "python3 is needed for this test ({e}); install it, then run \
-             `pip install -r scripts/requirements-test.txt`"
-        ),
-        Ok(out) if !out.status.success() => panic!(
-            "tritonclient[http] is missing: run `pip install -r scripts/requirements-test.txt`\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Ok(_) => {}
-    }
     let n = start(vec![]).await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test_kserve.py");
-    let url = n.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(url)
-            .output()
-    })
-    .await
-    .expect("task")
-    .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "scripts/test_kserve.py failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_client("test_kserve.py", "numpy, tritonclient.http", &n.url).await;
     n.node.shutdown().await;
 }

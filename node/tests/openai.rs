@@ -5,30 +5,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use cohort_config::{EngineKind, ModelConfig};
 use common::*;
 use serde_json::{json, Value};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
-}
-
-fn close(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4)
-}
 
 /// Standard base64 (with padding) to bytes.
 fn b64decode(s: &str) -> Vec<u8> {
@@ -270,38 +249,7 @@ async fn embeddings_match_the_native_endpoint_and_the_reference() {
 /// OpenAI's own Python client (`openai`) against a real node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_client_script_passes() {
-    let check = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .output();
-    match check {
-        Err(e) => panic!(
-            "python3 is needed for this test ({e}); install it, then run \
-             `pip install -r scripts/requirements-test.txt`"
-        ),
-        Ok(out) if !out.status.success() => panic!(
-            "the openai package is missing: run `pip install -r scripts/requirements-test.txt`\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Ok(_) => {}
-    }
     let n = start(vec![tinybert()]).await;
-    let script = workspace().join("scripts/test_openai.py");
-    let url = n.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(url)
-            .output()
-    })
-    .await
-    .expect("task")
-    .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "scripts/test_openai.py failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_client("test_openai.py", "openai", &n.url).await;
     n.node.shutdown().await;
 }

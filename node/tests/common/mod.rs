@@ -189,3 +189,69 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The workspace's root directory.
+pub fn workspace() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// 64 deterministic floats: one row for the demo `mlp`.
+pub fn row(seed: usize) -> Vec<f32> {
+    (0..64)
+        .map(|i| ((seed * 64 + i) as f32 * 0.173).sin())
+        .collect()
+}
+
+/// A JSON array of numbers as f32.
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// Whether two vectors are equal within 1e-4.
+pub fn close(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4)
+}
+
+/// Runs `python3 scripts/<script> <url>` after checking that `imports` import; fails the
+/// test with the fix (`pip install -r scripts/requirements-test.txt`) when they do not.
+pub async fn run_python_client(script: &str, imports: &str, url: &str) {
+    let check = std::process::Command::new("python3")
+        .args(["-c", &format!("import {imports}")])
+        .output();
+    match check {
+        Err(e) => panic!(
+            "python3 is needed for this test ({e}); install it, then run \
+             `pip install -r scripts/requirements-test.txt`"
+        ),
+        Ok(out) if !out.status.success() => panic!(
+            "a Python package is missing ({imports}): run `pip install -r scripts/requirements-test.txt`\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Ok(_) => {}
+    }
+    let path = workspace().join("scripts").join(script);
+    let url = url.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(path)
+            .arg(url)
+            .output()
+    })
+    .await
+    .expect("task")
+    .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "scripts/{script} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
