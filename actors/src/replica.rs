@@ -565,11 +565,14 @@ fn run_batch(
                 cohort_engines::EngineError::Inference(msg) => msg,
                 other => other.to_string(),
             });
+            let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
+            tracing::warn!(replica = %shared.id, requests = ?ids, error = %err, "engine call failed");
             (vec![Err(err); size], None)
         }
         Err(p) => {
             let msg = panic_message(&*p);
-            tracing::error!(replica = %shared.id, panic = %msg, "engine panicked");
+            let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
+            tracing::error!(replica = %shared.id, requests = ?ids, panic = %msg, "engine panicked");
             shared.set_last_error(format!("engine panicked: {msg}"));
             shared.set_state(ReplicaState::Restarting);
             let err = InferError::InferenceFailed(format!("engine panicked: {msg}"));
