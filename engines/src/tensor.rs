@@ -143,6 +143,36 @@ impl TensorData {
         true
     }
 
+    /// Appends the elements as raw little-endian bytes (Triton's binary tensor layout):
+    /// booleans as one byte each, strings as a 4-byte little-endian length then the bytes.
+    pub fn write_le_bytes(&self, out: &mut Vec<u8>) {
+        macro_rules! numbers {
+            ($d:expr) => {
+                for v in $d {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            };
+        }
+        match self {
+            TensorData::F32(d) => numbers!(d),
+            TensorData::F64(d) => numbers!(d),
+            TensorData::F16(d) => numbers!(d),
+            TensorData::I64(d) => numbers!(d),
+            TensorData::I32(d) => numbers!(d),
+            TensorData::I8(d) => numbers!(d),
+            TensorData::U8(d) => out.extend_from_slice(d),
+            TensorData::Bool(d) => out.extend(d.iter().map(|&b| u8::from(b))),
+            TensorData::String(d) => {
+                for v in d {
+                    // Strings come from engines fed by bounded request bodies: far below 4 GiB.
+                    let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(v.as_bytes());
+                }
+            }
+        }
+    }
+
     fn slice(&self, start: usize, end: usize) -> TensorData {
         map_variant!(self, v => v[start..end].to_vec())
     }
@@ -352,6 +382,21 @@ mod tests {
             t(3, 2, 0.0).split_rows(&[1, 1]),
             Err(ShapeError::Rows { .. })
         ));
+    }
+
+    #[test]
+    fn little_endian_bytes() {
+        let mut out = Vec::new();
+        TensorData::F32(vec![1.0, -2.0]).write_le_bytes(&mut out);
+        TensorData::Bool(vec![true, false]).write_le_bytes(&mut out);
+        TensorData::String(vec!["ab".into()]).write_le_bytes(&mut out);
+        let mut want = Vec::new();
+        want.extend_from_slice(&1.0f32.to_le_bytes());
+        want.extend_from_slice(&(-2.0f32).to_le_bytes());
+        want.extend_from_slice(&[1, 0]);
+        want.extend_from_slice(&2u32.to_le_bytes());
+        want.extend_from_slice(b"ab");
+        assert_eq!(out, want);
     }
 
     #[test]

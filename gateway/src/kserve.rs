@@ -884,37 +884,6 @@ impl Serialize for FlatData<'_> {
     }
 }
 
-/// Appends a tensor's raw little-endian bytes (BYTES: length-prefixed) to `out`.
-fn append_bytes(data: &TensorData, out: &mut Vec<u8>) {
-    match data {
-        TensorData::F32(d) => d
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorData::F64(d) => d
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorData::F16(d) => d
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorData::I64(d) => d
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorData::I32(d) => d
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorData::I8(d) => d
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorData::U8(d) => out.extend_from_slice(d),
-        TensorData::Bool(d) => out.extend(d.iter().map(|&b| u8::from(b))),
-        TensorData::String(d) => d.iter().for_each(|v| {
-            let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(v.as_bytes());
-        }),
-    }
-}
-
 #[derive(Serialize)]
 struct OutputJson<'a> {
     name: &'a str,
@@ -984,7 +953,7 @@ fn build_response(
     for (name, t, binary) in &chosen {
         let (data, parameters) = if *binary {
             let before = raw.len();
-            append_bytes(&t.data, &mut raw);
+            t.data.write_le_bytes(&mut raw);
             (None, Some(json!({"binary_data_size": raw.len() - before})))
         } else {
             (Some(FlatData(&t.data)), None)
