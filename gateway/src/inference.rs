@@ -250,8 +250,8 @@ pub(crate) fn record(
 ) {
     let m = &state.ctx.metrics;
     // Only served models become label values: a client cannot grow the metrics by
-    // inventing model names.
-    let model = if state.ctx.router.snapshot().get(model).is_some() {
+    // inventing model names. A success was served by the model, so only errors look.
+    let model = if status.is_success() || state.ctx.router.snapshot().get(model).is_some() {
         model
     } else {
         "_unknown"
@@ -277,22 +277,16 @@ pub async fn infer(
         let body = json_body(&headers, body)?;
         let parsed: InferBody = parse_body(&body)?;
         let queued = submit(&state, &model, parsed, &rid.0)?;
-        answer(queued).await
+        let replica = Arc::clone(&queued.replica);
+        answer(queued).await.map(|out| (out, replica))
     }
     .await;
     let (status, response) = match result {
-        Ok(out) => {
-            let version = state
-                .ctx
-                .router
-                .snapshot()
-                .get(&model)
-                .map(|r| r.config.version.clone())
-                .unwrap_or_default();
+        Ok((out, replica)) => {
             let body = InferResponse {
                 request_id: &rid.0,
                 model: &model,
-                version: &version,
+                version: &replica.version,
                 outputs: TensorMapJson(&out.outputs),
                 timing: Timing {
                     queue_us: out.queue_us,
