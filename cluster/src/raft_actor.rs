@@ -19,7 +19,6 @@
 //! node: the process exits and, restarted, rebuilds its state from the sled log.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -31,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::raft_node::{Committed, ProposeReply, RaftNode, RaftStatus, ReadReply};
-use crate::state::{ApplyOutcome, ClusterState, Command, CommandEnvelope, NodeRecord, NodeStatus};
+use crate::state::{ApplyOutcome, Command, CommandEnvelope, NodeRecord, NodeStatus};
 use crate::{codec, ClusterError};
 
 /// The process group of every RaftActor.
@@ -131,9 +130,8 @@ pub struct ClusterView {
     pub node_id: u64,
     pub nodes: Vec<MemberView>,
     pub raft: RaftStatus,
-    /// The applied state (not serialized in the API view).
-    #[serde(skip)]
-    pub state: Arc<ClusterState>,
+    /// Names of the models registered in the cluster state.
+    pub models: Vec<String>,
 }
 
 /// Settings of the RaftActor.
@@ -473,7 +471,7 @@ impl RaftActorState {
             node_id: self.id(),
             nodes,
             raft: self.node.status(),
-            state: Arc::new(state.clone()),
+            models: state.models.keys().cloned().collect(),
         }
     }
 
@@ -688,19 +686,26 @@ impl ClusterHandle {
         timeout: Duration,
     ) -> Result<ClusterView, ClusterError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if consistent {
+        let mut backoff = Duration::from_millis(20);
+        while consistent {
             let (tx, rx) = oneshot::channel();
             self.actor
                 .cast(RaftMsg::Read { reply: tx })
                 .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => return Err(e),
+            let err = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Ok(_))) => break,
+                Ok(Ok(Err(e))) => e,
                 Ok(Err(_)) => {
                     return Err(ClusterError::Unavailable("the raft actor stopped".into()))
                 }
                 Err(_) => return Err(ClusterError::Timeout),
+            };
+            // A read lost to a leadership change is asked again.
+            if !err.retryable() || tokio::time::Instant::now() + backoff >= deadline {
+                return Err(err);
             }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
         let (tx, rx) = oneshot::channel();
         self.actor

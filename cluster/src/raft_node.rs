@@ -284,9 +284,9 @@ impl RaftNode {
         self.raw.read_index(ctx);
     }
 
-    /// Fails every waiting read (e.g. when leadership changes hands and the read's fate
-    /// is unknown); callers retry.
-    pub fn fail_reads(&mut self) {
+    /// Fails every read still waiting for its read index (leadership changed hands and
+    /// its fate is unknown); callers retry.
+    fn fail_reads(&mut self) {
         for (_, r) in self.reads.drain() {
             let _ = r.send(Err(ClusterError::NotLeader { leader: 0 }));
         }
@@ -356,6 +356,11 @@ impl RaftNode {
             return Ok(out);
         }
         let mut rd = self.raw.ready();
+        // 0. Leadership changed: raft-rs drops the read requests it had not answered, so
+        //    their callers are told to retry instead of waiting for their timeout.
+        if rd.ss().is_some() {
+            self.fail_reads();
+        }
         // 1. A leader may send before persisting (Raft thesis 10.2.1).
         out.extend(rd.take_messages());
         // 2. A snapshot from the leader replaces the state wholesale.
@@ -383,9 +388,7 @@ impl RaftNode {
         // 6. Advance.
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            let mut hs = self.raw.store().initial_state()?.hard_state;
-            hs.commit = commit;
-            self.raw.mut_store().set_hardstate(hs)?;
+            self.raw.mut_store().set_commit(commit)?;
         }
         out.extend(light.take_messages());
         let committed = light.take_committed_entries();

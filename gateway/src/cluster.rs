@@ -88,7 +88,7 @@ pub async fn status(
             "voters": view.raft.voters,
             "learners": view.raft.learners,
         },
-        "models": view.state.models.keys().collect::<Vec<_>>(),
+        "models": view.models,
     })))
 }
 
