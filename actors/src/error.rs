@@ -24,9 +24,6 @@ pub enum InferError {
     /// The engine failed or panicked.
     #[error("inference failed: {0}")]
     InferenceFailed(String),
-    /// The node is shutting down and takes no new work.
-    #[error("the node is shutting down")]
-    ShuttingDown,
     /// The picked replica is draining; another pick may succeed.
     #[error("replica {replica} of model {model:?} is stopping")]
     ReplicaStopping { model: String, replica: String },
@@ -42,7 +39,6 @@ impl InferError {
             InferError::Overloaded { .. } => "OVERLOADED",
             InferError::Timeout { .. } => "TIMEOUT",
             InferError::InferenceFailed(_) => "INFERENCE_FAILED",
-            InferError::ShuttingDown => "SHUTTING_DOWN",
             InferError::ReplicaStopping { .. } => "NO_REPLICA",
         }
     }

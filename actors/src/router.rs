@@ -176,8 +176,6 @@ impl ractor::Message for RouterMsg {}
 pub enum RouteChange {
     /// A model is served here (replaces its config, keeps its replicas).
     UpsertModel(ModelConfig),
-    /// A model is no longer served here.
-    RemoveModel(String),
     /// A replica of a model joins the table.
     AddReplica(Arc<ReplicaShared>),
     /// A replica leaves the table.
@@ -212,9 +210,6 @@ impl Actor for Router {
                     .map(|m| m.replicas)
                     .unwrap_or_default();
                 t.models.insert(name, ModelRoute { config, replicas });
-            }),
-            RouteChange::RemoveModel(name) => handle.update(|t| {
-                t.models.remove(&name);
             }),
             RouteChange::AddReplica(r) => handle.update(|t| {
                 if let Some(m) = t.models.get_mut(&r.model) {

@@ -126,9 +126,9 @@ impl From<InferError> for ApiError {
         let message = e.to_string();
         match e {
             InferError::ModelNotFound(m) => ApiError::ModelNotFound(m),
-            InferError::NoReplica { .. }
-            | InferError::ShuttingDown
-            | InferError::ReplicaStopping { .. } => ApiError::NoReplica(message),
+            InferError::NoReplica { .. } | InferError::ReplicaStopping { .. } => {
+                ApiError::NoReplica(message)
+            }
             InferError::InvalidInput(ie) => ApiError::InvalidInput {
                 message,
                 details: Some(json!({"input": ie.input, "reason": ie.reason})),
