@@ -687,25 +687,27 @@ impl ClusterHandle {
     ) -> Result<ClusterView, ClusterError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
-        while consistent {
-            let (tx, rx) = oneshot::channel();
-            self.actor
-                .cast(RaftMsg::Read { reply: tx })
-                .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
-            let err = match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(Ok(_))) => break,
-                Ok(Ok(Err(e))) => e,
-                Ok(Err(_)) => {
-                    return Err(ClusterError::Unavailable("the raft actor stopped".into()))
+        if consistent {
+            loop {
+                let (tx, rx) = oneshot::channel();
+                self.actor
+                    .cast(RaftMsg::Read { reply: tx })
+                    .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+                let err = match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(Ok(_))) => break,
+                    Ok(Ok(Err(e))) => e,
+                    Ok(Err(_)) => {
+                        return Err(ClusterError::Unavailable("the raft actor stopped".into()))
+                    }
+                    Err(_) => return Err(ClusterError::Timeout),
+                };
+                // A read lost to a leadership change is asked again.
+                if !err.retryable() || tokio::time::Instant::now() + backoff >= deadline {
+                    return Err(err);
                 }
-                Err(_) => return Err(ClusterError::Timeout),
-            };
-            // A read lost to a leadership change is asked again.
-            if !err.retryable() || tokio::time::Instant::now() + backoff >= deadline {
-                return Err(err);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
         let (tx, rx) = oneshot::channel();
         self.actor
