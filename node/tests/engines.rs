@@ -182,27 +182,13 @@ async fn sentence_embeddings_over_http_match_numpy_and_respect_the_token_budget(
 
     // One sentence per request, sent together: dynamic batching joins them, but never past
     // 24 tokens per engine call; each answer still equals the reference.
-    let mut tasks = Vec::new();
-    for (i, sentence) in sentences.iter().enumerate() {
-        let http = n.http.clone();
-        let url = format!("{}/api/v1/models/tinybert/infer", n.url);
-        let body = json!({"inputs": {"text": [sentence]}});
-        tasks.push(tokio::spawn(async move {
-            let r: Value = http
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .expect("sent")
-                .json()
-                .await
-                .expect("json");
-            (i, r)
-        }));
-    }
+    let bodies = sentences
+        .iter()
+        .map(|sentence| json!({"inputs": {"text": [sentence]}}))
+        .collect();
+    let answers = n.infer_all("tinybert", bodies).await;
     let mut max_batch = 0;
-    for t in tasks {
-        let (i, r) = t.await.expect("task");
+    for (i, r) in answers.iter().enumerate() {
         let g = floats(&r["outputs"]["embedding"][0]);
         let w = floats(&embeddings[i]);
         assert!(

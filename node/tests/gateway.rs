@@ -82,29 +82,13 @@ async fn mlp_outputs_equal_a_plain_matrix_product_single_and_batched() {
             "row {i}"
         );
     }
-    let mut tasks = Vec::new();
-    for seed in 100..164 {
-        let http = n.http.clone();
-        let url = format!("{}/api/v1/models/mlp/infer", n.url);
-        tasks.push(tokio::spawn(async move {
-            let x = row(seed);
-            let res: Value = http
-                .post(url)
-                .json(&json!({"inputs": {"x": [x.clone()]}}))
-                .send()
-                .await
-                .expect("sent")
-                .json()
-                .await
-                .expect("json");
-            (x, res)
-        }));
-    }
+    let xs: Vec<Vec<f32>> = (100..164).map(row).collect();
+    let bodies = xs.iter().map(|x| json!({"inputs": {"x": [x]}})).collect();
+    let answers = n.infer_all("mlp", bodies).await;
     let mut max_batch = 0;
-    for t in tasks {
-        let (x, res) = t.await.expect("task");
+    for (x, res) in xs.iter().zip(&answers) {
         let y = floats(&res["outputs"]["y"][0]);
-        let want = reference_mlp(&path, &x);
+        let want = reference_mlp(&path, x);
         assert!(
             y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4),
             "{res}"

@@ -258,26 +258,12 @@ async fn dynamic_batching_joins_concurrent_requests() {
     e.batching.max_batch_size = 8;
     e.batching.max_queue_delay_us = 200_000;
     let n = start(vec![e]).await;
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let http = n.http.clone();
-        let url = format!("{}/api/v1/models/batched/infer", n.url);
-        tasks.push(tokio::spawn(async move {
-            let r: Value = http
-                .post(url)
-                .json(&echo_body(&[i as f32, -(i as f32)]))
-                .send()
-                .await
-                .expect("sent")
-                .json()
-                .await
-                .expect("json");
-            (i, r)
-        }));
-    }
+    let bodies = (0..8)
+        .map(|i| echo_body(&[i as f32, -(i as f32)]))
+        .collect();
+    let answers = n.infer_all("batched", bodies).await;
     let mut sizes = Vec::new();
-    for t in tasks {
-        let (i, r) = t.await.expect("task");
+    for (i, r) in answers.iter().enumerate() {
         assert_eq!(
             r["outputs"]["y"],
             json!([[i as f32, -(i as f32)]]),

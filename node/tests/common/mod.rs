@@ -149,6 +149,34 @@ impl TestNode {
         (status, res.text().await.expect("body"))
     }
 
+    /// Sends every body to `model` at once (one task each) and returns the JSON answers in
+    /// the order of `bodies`.
+    pub async fn infer_all(&self, model: &str, bodies: Vec<Value>) -> Vec<Value> {
+        let url = format!("{}/api/v1/models/{model}/infer", self.url);
+        let tasks: Vec<_> = bodies
+            .into_iter()
+            .map(|body| {
+                let http = self.http.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    http.post(url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("sent")
+                        .json::<Value>()
+                        .await
+                        .expect("json")
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    }
+
     pub async fn infer(
         &self,
         model: &str,
