@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use cohort_config::ModelConfig;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::replica::ReplicaShared;
+use crate::replica::{Pending, ReplicaShared};
 use crate::InferError;
 
 /// One model as the router sees it.
@@ -150,6 +150,35 @@ impl RouterHandle {
     /// Picks a replica of `model` (see [`RoutingTable::pick`]).
     pub fn pick(&self, model: &str) -> Result<Arc<ReplicaShared>, InferError> {
         self.snapshot().pick(model)
+    }
+
+    /// Queues `pending` on `replica` (picked from this table). A replica that started
+    /// draining after it was picked refuses new work; then the request goes to a fresh
+    /// pick (the draining one is no longer offered), a few times at most. Returns the
+    /// replica that took it.
+    pub fn submit(
+        &self,
+        model: &str,
+        replica: Arc<ReplicaShared>,
+        pending: Pending,
+    ) -> Result<Arc<ReplicaShared>, InferError> {
+        let mut replica = replica;
+        let mut pending = pending;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match replica.submit(pending) {
+                Ok(()) => return Ok(replica),
+                Err(rejected) => {
+                    let (err, back) = *rejected;
+                    if !matches!(err, InferError::ReplicaStopping { .. }) || attempt >= 3 {
+                        return Err(err);
+                    }
+                    pending = back;
+                    replica = self.pick(model)?;
+                }
+            }
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut RoutingTable)) {

@@ -181,7 +181,7 @@ fn enqueue(
     let (tx, rx) = oneshot::channel();
     let now = Instant::now();
     let timeout = Duration::from_millis(timeout_ms);
-    let mut pending = Pending {
+    let pending = Pending {
         request_id: request_id.to_string(),
         inputs,
         rows,
@@ -193,24 +193,7 @@ fn enqueue(
         reply: tx.into(),
         span: tracing::Span::current(),
     };
-    // A replica being scaled away refuses new work: pick again (the router no longer
-    // offers it), a few times at most.
-    let mut replica = replica;
-    let mut attempts = 0;
-    loop {
-        match replica.submit(pending) {
-            Ok(()) => break,
-            Err(rejected) => {
-                let (err, back) = *rejected;
-                attempts += 1;
-                if !matches!(err, InferError::ReplicaStopping { .. }) || attempts >= 3 {
-                    return Err(err.into());
-                }
-                pending = back;
-                replica = state.ctx.router.pick(model)?;
-            }
-        }
-    }
+    let replica = state.ctx.router.submit(model, replica, pending)?;
     Ok(Queued {
         replica,
         rx,
