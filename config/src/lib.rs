@@ -93,6 +93,12 @@ pub struct NodeConfig {
     pub cluster: ClusterSection,
     /// Limits that protect the node.
     pub limits: Limits,
+    /// The HTTP server's protections: timeouts, header and JSON limits, concurrency, CORS.
+    pub http: HttpSection,
+    /// API tokens and access control.
+    pub auth: AuthSection,
+    /// Sampled per-request records kept in this node's sled.
+    pub request_log: RequestLogSection,
     /// The models this node serves.
     pub models: Vec<ModelConfig>,
 }
@@ -109,6 +115,9 @@ impl Default for NodeConfig {
             onnxruntime: OnnxRuntimeConfig::default(),
             cluster: ClusterSection::default(),
             limits: Limits::default(),
+            http: HttpSection::default(),
+            auth: AuthSection::default(),
+            request_log: RequestLogSection::default(),
             models: Vec::new(),
         }
     }
@@ -183,6 +192,124 @@ impl Default for Limits {
             queue_capacity: 1024,
             request_timeout_ms: 30_000,
             max_request_timeout_ms: 600_000,
+        }
+    }
+}
+
+/// Protections of the HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// A client must send a request's whole header block within this long, or the
+    /// connection is closed (a slow client cannot hold a connection open).
+    pub header_read_timeout_ms: u64,
+    /// A client must send a request's whole body within this long (408 otherwise).
+    pub body_read_timeout_ms: u64,
+    /// Largest request header block, in bytes (431 above it).
+    pub max_header_bytes: usize,
+    /// Deepest nesting of arrays and objects accepted in a JSON body (400 above it).
+    pub max_json_depth: usize,
+    /// Requests served at once by this node; above it, 503 OVERLOADED with Retry-After.
+    /// Health probes are not counted.
+    pub max_concurrent_requests: usize,
+    /// Origins allowed by CORS (`*` for any). Empty: CORS is off (no CORS headers).
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            max_header_bytes: 16 * 1024,
+            max_json_depth: 64,
+            max_concurrent_requests: 4096,
+            cors_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Whether the API asks for tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// On, unless the HTTP listener is on loopback.
+    #[default]
+    Auto,
+    /// Always on.
+    On,
+    /// Off: anyone who reaches the port may do anything. Refused on an address other than
+    /// loopback unless `insecure` is set.
+    Off,
+}
+
+/// API tokens and access control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// On, off, or auto (on unless HTTP listens on loopback only).
+    pub mode: AuthMode,
+    /// Allows auth off on an address other than loopback (`--insecure`).
+    pub insecure: bool,
+    /// Where a bootstrapping cluster writes its first admin token (mode 0600); default
+    /// `<data_dir>/admin-token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// How often this node sends the usage it counted to the cluster (quotas lag by
+    /// about this long).
+    pub usage_flush_ms: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            mode: AuthMode::Auto,
+            insecure: false,
+            admin_token_file: None,
+            usage_flush_ms: 1_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Whether API tokens are required on this node.
+    pub fn auth_enabled(&self) -> bool {
+        match self.auth.mode {
+            AuthMode::On => true,
+            AuthMode::Off => false,
+            AuthMode::Auto => !self.http_addr.ip().is_loopback(),
+        }
+    }
+
+    /// Where the first admin token is written.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.auth
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin-token"))
+    }
+}
+
+/// Sampled per-request records, kept in this node's sled with bounded retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestLogSection {
+    /// Whether records are kept at all.
+    pub enabled: bool,
+    /// Share of successful requests recorded (0.0 to 1.0); errors are always recorded.
+    pub sample_rate: f64,
+    /// Most records kept; the oldest go first.
+    pub max_records: usize,
+    /// Records older than this are dropped.
+    pub max_age_s: u64,
+}
+
+impl Default for RequestLogSection {
+    fn default() -> Self {
+        RequestLogSection {
+            enabled: true,
+            sample_rate: 0.01,
+            max_records: 100_000,
+            max_age_s: 7 * 24 * 3600,
         }
     }
 }
@@ -361,6 +488,18 @@ pub struct Overrides {
     pub cluster_addr: Option<SocketAddr>,
     pub join: Option<String>,
     pub cookie_file: Option<PathBuf>,
+    /// `--auth on|off|auto`.
+    pub auth: Option<AuthMode>,
+    /// `--insecure`: allows auth off beyond loopback.
+    pub insecure: bool,
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(format!("expected true or false, got {other:?}")),
+    }
 }
 
 /// The environment variables a node reads, with the field each one sets.
@@ -377,6 +516,13 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("COHORT_MAX_BATCH_ITEMS", "limits.max_batch_items"),
     ("COHORT_QUEUE_CAPACITY", "limits.queue_capacity"),
     ("COHORT_REQUEST_TIMEOUT_MS", "limits.request_timeout_ms"),
+    ("COHORT_AUTH", "auth.mode"),
+    ("COHORT_INSECURE", "auth.insecure"),
+    (
+        "COHORT_MAX_CONCURRENT_REQUESTS",
+        "http.max_concurrent_requests",
+    ),
+    ("COHORT_REQUEST_LOG_SAMPLE_RATE", "request_log.sample_rate"),
 ];
 
 impl NodeConfig {
@@ -440,12 +586,26 @@ impl NodeConfig {
                 }
                 "cluster.join" => self.cluster.join = Some(value.trim().to_string()),
                 "cluster.cookie_file" => self.cluster.cookie_file = Some(PathBuf::from(&value)),
-                "builtin_models" => {
-                    self.builtin_models = match value.trim() {
-                        "1" | "true" | "yes" | "on" => true,
-                        "0" | "false" | "no" | "off" => false,
-                        other => return Err(bad(format!("expected true or false, got {other:?}"))),
+                "builtin_models" => self.builtin_models = boolean(&value).map_err(bad)?,
+                "auth.insecure" => self.auth.insecure = boolean(&value).map_err(bad)?,
+                "auth.mode" => {
+                    self.auth.mode = match value.trim() {
+                        "auto" => AuthMode::Auto,
+                        "on" => AuthMode::On,
+                        "off" => AuthMode::Off,
+                        other => {
+                            return Err(bad(format!("expected auto, on or off, got {other:?}")))
+                        }
                     }
+                }
+                "http.max_concurrent_requests" => {
+                    self.http.max_concurrent_requests = num(&value)? as usize
+                }
+                "request_log.sample_rate" => {
+                    self.request_log.sample_rate = value
+                        .trim()
+                        .parse::<f64>()
+                        .map_err(|e| bad(format!("{e} (expected a number from 0.0 to 1.0)")))?
                 }
                 "limits.max_body_bytes" => self.limits.max_body_bytes = num(&value)? as usize,
                 "limits.max_batch_items" => self.limits.max_batch_items = num(&value)? as usize,
@@ -479,6 +639,12 @@ impl NodeConfig {
         }
         if let Some(v) = &o.cookie_file {
             self.cluster.cookie_file = Some(v.clone());
+        }
+        if let Some(v) = o.auth {
+            self.auth.mode = v;
+        }
+        if o.insecure {
+            self.auth.insecure = true;
         }
     }
 
@@ -530,6 +696,73 @@ impl NodeConfig {
                 "limits.max_request_timeout_ms".into(),
                 "must be at least limits.request_timeout_ms",
             );
+        }
+        let h = &self.http;
+        if !(100..=3_600_000).contains(&h.header_read_timeout_ms) {
+            err(
+                "http.header_read_timeout_ms".into(),
+                "must be between 100 and 3600000",
+            );
+        }
+        if !(100..=3_600_000).contains(&h.body_read_timeout_ms) {
+            err(
+                "http.body_read_timeout_ms".into(),
+                "must be between 100 and 3600000",
+            );
+        }
+        if !(8192..=1 << 20).contains(&h.max_header_bytes) {
+            err(
+                "http.max_header_bytes".into(),
+                "must be between 8192 and 1048576",
+            );
+        }
+        if !(2..=1024).contains(&h.max_json_depth) {
+            err("http.max_json_depth".into(), "must be between 2 and 1024");
+        }
+        if !(1..=1_000_000).contains(&h.max_concurrent_requests) {
+            err(
+                "http.max_concurrent_requests".into(),
+                "must be between 1 and 1000000",
+            );
+        }
+        for (i, o) in h.cors_allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                err(
+                    format!("http.cors_allowed_origins[{i}]"),
+                    "must be * or an origin such as https://console.example.com",
+                );
+            }
+        }
+        if self.auth.mode == AuthMode::Off
+            && !self.auth.insecure
+            && !self.http_addr.ip().is_loopback()
+        {
+            err(
+                "auth.mode".into(),
+                "auth is off but HTTP listens beyond loopback: turn auth on, or give --insecure (auth.insecure = true) to accept that anyone who reaches the port may do anything",
+            );
+        }
+        if !(10..=3_600_000).contains(&self.auth.usage_flush_ms) {
+            err(
+                "auth.usage_flush_ms".into(),
+                "must be between 10 and 3600000",
+            );
+        }
+        let r = &self.request_log;
+        if !(0.0..=1.0).contains(&r.sample_rate) {
+            err(
+                "request_log.sample_rate".into(),
+                "must be between 0.0 and 1.0",
+            );
+        }
+        if !(1..=100_000_000).contains(&r.max_records) {
+            err(
+                "request_log.max_records".into(),
+                "must be between 1 and 100000000",
+            );
+        }
+        if r.max_age_s == 0 {
+            err("request_log.max_age_s".into(), "must be at least 1");
         }
         let c = &self.cluster;
         if !(1..=10_000).contains(&c.tick_ms) {
@@ -818,7 +1051,10 @@ mod tests {
             let value = match *field {
                 "http_addr" | "cluster.cluster_addr" => "127.0.0.1:7777",
                 "builtin_models" => "false",
-                f if f.starts_with("limits.") => "4096",
+                "auth.insecure" => "true",
+                "auth.mode" => "on",
+                "request_log.sample_rate" => "0.5",
+                f if f.starts_with("limits.") || f.starts_with("http.") => "4096",
                 _ => "/some/where",
             };
             let mut cfg = NodeConfig::default();
@@ -827,6 +1063,26 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{var}: {e}"));
             assert_ne!(cfg, before, "{var} changed nothing");
         }
+    }
+
+    #[test]
+    fn auth_off_beyond_loopback_needs_insecure() {
+        let mut cfg = NodeConfig::default();
+        assert!(!cfg.auth_enabled(), "loopback: auto is off");
+        cfg.http_addr = "0.0.0.0:8080".parse().unwrap();
+        assert!(cfg.auth_enabled(), "beyond loopback: auto is on");
+        assert!(cfg.validate().is_ok());
+        cfg.auth.mode = AuthMode::Off;
+        let errs = cfg.validate().unwrap_err();
+        assert_eq!(errs[0].path, "auth.mode");
+        assert!(
+            errs[0].message.contains("--insecure"),
+            "{}",
+            errs[0].message
+        );
+        cfg.auth.insecure = true;
+        assert!(cfg.validate().is_ok());
+        assert!(!cfg.auth_enabled());
     }
 
     #[test]

@@ -91,6 +91,31 @@ struct UpArgs {
     /// Check the configuration, print it as TOML, and exit.
     #[arg(long)]
     check_config: bool,
+    /// API tokens: `on`, `off`, or `auto` (on unless HTTP listens on loopback only)
+    /// [env: COHORT_AUTH] [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    auth: Option<AuthArg>,
+    /// Allow auth off on an address other than loopback: anyone who reaches the port may
+    /// do anything [env: COHORT_INSECURE].
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AuthArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl From<AuthArg> for cohort_config::AuthMode {
+    fn from(a: AuthArg) -> Self {
+        match a {
+            AuthArg::Auto => cohort_config::AuthMode::Auto,
+            AuthArg::On => cohort_config::AuthMode::On,
+            AuthArg::Off => cohort_config::AuthMode::Off,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -190,6 +215,8 @@ async fn up(args: UpArgs, cluster: ClusterFlags) -> anyhow::Result<()> {
         cluster_addr: cluster.cluster_addr,
         join: cluster.join,
         cookie_file: cluster.cookie_file,
+        auth: args.auth.map(Into::into),
+        insecure: args.insecure,
     };
     let config = NodeConfig::load(args.config.as_deref(), std::env::vars(), &overrides)?;
     if args.check_config {
