@@ -1054,7 +1054,7 @@ mod tests {
                 "auth.insecure" => "true",
                 "auth.mode" => "on",
                 "request_log.sample_rate" => "0.5",
-                f if f.starts_with("limits.") || f.starts_with("http.") => "4096",
+                f if f.starts_with("limits.") || f.starts_with("http.") => "4095",
                 _ => "/some/where",
             };
             let mut cfg = NodeConfig::default();
