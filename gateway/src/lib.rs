@@ -269,6 +269,8 @@ impl Actor for GatewayActor {
             let _ = stopped.wait_for(|s| *s).await;
         };
         let server = tokio::spawn(async move {
+            // Handlers see the client's address (IP allow-lists, request logs).
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
             let reason = match serve.await {
                 Ok(()) => "server stopped".to_string(),
