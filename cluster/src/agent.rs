@@ -20,10 +20,11 @@ use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::watch;
 
-use crate::raft_actor::{RaftActor, RaftActorArgs, RaftActorSettings};
+use crate::raft_actor::{Published, RaftActor, RaftActorArgs, RaftActorSettings};
 use crate::raft_node::{RaftNode, RaftSettings};
 use crate::state::{DeviceRecord, NodeRecord, NodeRole, NodeStatus};
 use crate::storage::SledStorage;
+use crate::tokens::TokenKey;
 use crate::{ClusterError, ClusterHandle, RaftMsg};
 
 /// How to start a node's cluster membership.
@@ -231,6 +232,7 @@ pub async fn start(
             NodeRole::Voter
         },
     };
+    let published = Arc::new(Published::default());
     let args = RaftActorArgs {
         node,
         settings: RaftActorSettings {
@@ -239,6 +241,7 @@ pub async fn start(
             record,
             joining: config.join.is_some(),
         },
+        published: Arc::clone(&published),
     };
     let (raft, _) = match &supervisor {
         Some(sup) => Actor::spawn_linked(None, RaftActor, args, sup.clone()).await,
@@ -246,7 +249,12 @@ pub async fn start(
     }
     .map_err(|e| spawn_err("the raft actor", e))?;
     let agent = ClusterAgent {
-        handle: ClusterHandle::new(raft.clone(), id),
+        handle: ClusterHandle::new(
+            raft.clone(),
+            id,
+            published,
+            TokenKey::from_cookie(&config.cookie),
+        ),
         raft,
         server,
     };

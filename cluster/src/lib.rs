@@ -46,14 +46,19 @@ pub mod raft_actor;
 pub mod raft_node;
 pub mod state;
 pub mod storage;
+pub mod tokens;
 
 pub use agent::{ClusterAgent, ClusterConfig};
 pub use error::ClusterError;
-pub use raft_actor::{ClusterHandle, ClusterView, MemberView, RaftActor, RaftMsg};
+pub use raft_actor::{
+    AuditQuery, ClusterHandle, ClusterView, MemberView, Published, RaftActor, RaftMsg,
+};
 pub use raft_node::{Committed, RaftNode, RaftSettings, RaftStatus};
 pub use state::{
-    ApplyOutcome, Assignment, ClusterState, Command, CommandEnvelope, CommandId, Deployment,
-    DeviceRecord, Entity, JobRecord, JobStatus, Lease, ModelRecord, NodeId, NodeRecord, NodeRole,
-    NodeStatus, Rejection, TokenRecord, TokenRole, TokenStatus, VersionRecord,
+    month_of, next_month_start_ms, ApplyOutcome, Assignment, AuditEntry, AuditMeta, ClusterState,
+    Command, CommandEnvelope, CommandId, Deployment, DeviceRecord, Entity, JobRecord, JobStatus,
+    Lease, ModelRecord, NodeId, NodeRecord, NodeRole, NodeStatus, Rejection, TokenRecord,
+    TokenRole, TokenStatus, VersionRecord, AUDIT_CAPACITY,
 };
 pub use storage::SledStorage;
+pub use tokens::{MintedSecret, TokenKey};

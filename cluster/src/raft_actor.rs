@@ -18,7 +18,8 @@
 //! Supervision: the RaftActor has no children. If it fails, its supervisor stops the
 //! node: the process exits and, restarted, rebuilds its state from the sled log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -30,7 +31,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::raft_node::{Committed, ProposeReply, RaftNode, RaftStatus, ReadReply};
-use crate::state::{ApplyOutcome, Command, CommandEnvelope, NodeRecord, NodeStatus};
+use crate::state::{
+    ApplyOutcome, AuditEntry, AuditMeta, Command, CommandEnvelope, NodeRecord, NodeStatus,
+    TokenRecord,
+};
+use crate::tokens::TokenKey;
 use crate::{codec, ClusterError};
 
 /// The process group of every RaftActor.
@@ -84,6 +89,60 @@ pub enum RaftMsg {
     View { reply: oneshot::Sender<ClusterView> },
     /// The node's HTTP address is now known (it binds after the cluster starts).
     SetHttpAddr(String),
+    /// Audit entries from this member's state, newest first.
+    Audit {
+        query: AuditQuery,
+        reply: oneshot::Sender<Vec<AuditEntry>>,
+    },
+}
+
+/// Which audit entries to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only entries at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<u64>,
+    /// Only entries with a sequence number below this (paging back).
+    pub before_seq: Option<u64>,
+    /// Only this action, or actions starting with it followed by a dot (`token` matches
+    /// `token.create`).
+    pub action: Option<String>,
+    /// Only this token's actions.
+    pub who: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    fn matches(&self, e: &AuditEntry) -> bool {
+        self.since_ms.is_none_or(|t| e.at_ms >= t)
+            && self.before_seq.is_none_or(|s| e.seq < s)
+            && self.who.as_ref().is_none_or(|w| &e.meta.who == w)
+            && self.action.as_ref().is_none_or(|a| {
+                e.meta.action == *a
+                    || e.meta
+                        .action
+                        .strip_prefix(a.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            })
+    }
+}
+
+/// What the RaftActor publishes for lock-free reads on the request path: the token table,
+/// replaced whole whenever a committed command changes it.
+#[derive(Debug, Default)]
+pub struct Published {
+    tokens: RwLock<Arc<BTreeMap<String, TokenRecord>>>,
+}
+
+impl Published {
+    /// The token table as last applied on this member.
+    pub fn tokens(&self) -> Arc<BTreeMap<String, TokenRecord>> {
+        Arc::clone(&self.tokens.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn set_tokens(&self, tokens: BTreeMap<String, TokenRecord>) {
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
+    }
 }
 
 const WIRE_VARIANT: &str = "wire";
@@ -154,6 +213,8 @@ pub struct RaftActor;
 pub struct RaftActorArgs {
     pub node: RaftNode,
     pub settings: RaftActorSettings,
+    /// Where the token table is published.
+    pub published: Arc<Published>,
 }
 
 /// The RaftActor's state.
@@ -169,6 +230,7 @@ pub struct RaftActorState {
     last_seen: HashMap<u64, Instant>,
     conf_change_pending: bool,
     timer: Option<JoinHandle<()>>,
+    published: Arc<Published>,
 }
 
 impl RaftActorState {
@@ -216,6 +278,9 @@ impl RaftActorState {
     fn run_ready(&mut self) -> Result<(), ClusterError> {
         let messages = self.node.on_ready()?;
         self.send_raft(messages);
+        if self.node.take_tokens_changed() {
+            self.published.set_tokens(self.node.state().tokens.clone());
+        }
         // Forwarded proposals: answer once applied here too.
         let applied = self.node.applied();
         let waits = std::mem::take(&mut self.applied_waits);
@@ -525,6 +590,7 @@ impl Actor for RaftActor {
             last_seen: HashMap::new(),
             conf_change_pending: false,
             timer: Some(timer),
+            published: args.published,
         })
     }
 
@@ -581,6 +647,19 @@ impl Actor for RaftActor {
             RaftMsg::SetHttpAddr(addr) => {
                 state.settings.record.http_addr = addr;
             }
+            RaftMsg::Audit { query, reply } => {
+                let entries = state
+                    .node
+                    .state()
+                    .audit
+                    .iter()
+                    .rev()
+                    .filter(|e| query.matches(e))
+                    .take(query.limit)
+                    .cloned()
+                    .collect();
+                let _ = reply.send(entries);
+            }
         }
         Ok(())
     }
@@ -605,12 +684,68 @@ impl Actor for RaftActor {
 pub struct ClusterHandle {
     actor: ActorRef<RaftMsg>,
     node_id: u64,
+    published: Arc<Published>,
+    token_key: TokenKey,
 }
 
 impl ClusterHandle {
-    /// A handle on a running RaftActor.
-    pub fn new(actor: ActorRef<RaftMsg>, node_id: u64) -> Self {
-        ClusterHandle { actor, node_id }
+    /// A handle on a running RaftActor that publishes into `published`.
+    pub fn new(
+        actor: ActorRef<RaftMsg>,
+        node_id: u64,
+        published: Arc<Published>,
+        token_key: TokenKey,
+    ) -> Self {
+        ClusterHandle {
+            actor,
+            node_id,
+            published,
+            token_key,
+        }
+    }
+
+    /// The token table as last applied on this member (no message, no wait).
+    pub fn tokens(&self) -> Arc<BTreeMap<String, TokenRecord>> {
+        self.published.tokens()
+    }
+
+    /// The key token secrets are hashed with.
+    pub fn token_key(&self) -> &TokenKey {
+        &self.token_key
+    }
+
+    /// Proposes `command` with an audit record of who asked; the outcome is the command's.
+    pub async fn propose_audited(
+        &self,
+        command: Command,
+        meta: AuditMeta,
+        timeout: Duration,
+    ) -> Result<Committed, ClusterError> {
+        self.propose(
+            Command::Audited {
+                meta,
+                command: Box::new(command),
+            },
+            timeout,
+        )
+        .await
+    }
+
+    /// Audit entries from this member's state, newest first.
+    pub async fn audit(
+        &self,
+        query: AuditQuery,
+        timeout: Duration,
+    ) -> Result<Vec<AuditEntry>, ClusterError> {
+        let (tx, rx) = oneshot::channel();
+        self.actor
+            .cast(RaftMsg::Audit { query, reply: tx })
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(ClusterError::Unavailable("the raft actor stopped".into())),
+            Err(_) => Err(ClusterError::Timeout),
+        }
     }
 
     /// This node's Raft id.

@@ -103,6 +103,18 @@ pub struct RaftNode {
     /// node just added is sent a snapshot whose configuration includes it (raft-rs
     /// refuses one that does not).
     snapshot_now: bool,
+    /// The token table changed since [`RaftNode::take_tokens_changed`] last said so.
+    tokens_changed: bool,
+}
+
+fn touches_tokens(command: &Command) -> bool {
+    match command {
+        Command::UpsertToken(_)
+        | Command::RevokeToken { .. }
+        | Command::RecordTokenUsage { .. } => true,
+        Command::Audited { command, .. } => touches_tokens(command),
+        _ => false,
+    }
 }
 
 fn logger() -> slog::Logger {
@@ -110,6 +122,11 @@ fn logger() -> slog::Logger {
 }
 
 impl RaftNode {
+    /// Whether the token table changed since the last call (true on the first).
+    pub fn take_tokens_changed(&mut self) -> bool {
+        std::mem::take(&mut self.tokens_changed)
+    }
+
     /// Opens a member on `storage`. `bootstrap`: the voters of a brand-new cluster, given
     /// only by the node that creates it and only when its storage is empty; a node that
     /// joins an existing cluster passes `None` and waits to be added by the leader.
@@ -171,6 +188,7 @@ impl RaftNode {
             reads_waiting: Vec::new(),
             read_seq: 0,
             snapshot_now: false,
+            tokens_changed: true,
         })
     }
 
@@ -425,6 +443,7 @@ impl RaftNode {
         let state = ClusterState::restore(&snap.data)?;
         self.raw.mut_store().apply_snapshot(snap)?;
         self.state = state;
+        self.tokens_changed = true;
         self.applied = index;
         self.snapshot_index = index;
         tracing::info!(index, "installed a snapshot from the leader");
@@ -460,6 +479,9 @@ impl RaftNode {
             }
         };
         let outcome = self.state.apply(&env);
+        if touches_tokens(&env.command) {
+            self.tokens_changed = true;
+        }
         if let Some(replies) = self.pending.remove(&env.id) {
             for r in replies {
                 let _ = r.send(Ok(Committed {

@@ -139,50 +139,137 @@ pub struct Assignment {
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenRole {
-    /// Everything, tokens included.
+    /// Everything: inference, models, nodes, tokens, audit.
     Admin,
-    /// Models, deployments and nodes, but not tokens.
-    Operator,
-    /// Inference and jobs only.
-    Inference,
+    /// Inference and reading the models it may use.
+    User,
 }
 
-/// Whether a token is accepted.
+/// Whether a token is accepted (expiry is checked apart, against `expires_at_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenStatus {
     /// Accepted (until it expires).
     Active,
+    /// Refused until it is made active again.
+    Paused,
     /// Refused from now on; revocation is final.
     Revoked,
 }
 
-/// An API token. Only a hash of its key is stored.
+/// An API token. Only a keyed hash of its secret is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
-    /// Its id (shown in lists and audit logs).
+    /// Its id (shown in lists and audit logs; part of the secret the client sends).
     pub id: String,
     /// A human-readable name.
     pub name: String,
-    /// Hash of the secret key.
+    /// Keyed hash (HMAC-SHA256) of the secret.
     pub key_hash: Vec<u8>,
     /// What it may do.
     pub role: TokenRole,
-    /// Models it may use; empty means all.
+    /// Glob patterns of the models it may use; empty means all.
     pub allowed_models: Vec<String>,
-    /// Client addresses or CIDRs it may come from; empty means any.
+    /// CIDRs (or single addresses) it may come from; empty means any.
     pub ip_allow: Vec<String>,
-    /// Requests per minute, if limited.
+    /// Requests per minute on each node (a token bucket), if limited.
     pub rate_per_minute: Option<u32>,
-    /// Requests per month, if limited.
+    /// Requests per calendar month (UTC), if limited.
     pub monthly_quota: Option<u64>,
-    /// Requests counted so far this month.
+    /// Requests counted in `used_month`.
     pub used: u64,
+    /// The month `used` counts, as `yyyymm` (UTC); a later month starts again from 0.
+    pub used_month: u32,
     /// When it stops being accepted (ms since the Unix epoch).
     pub expires_at_ms: Option<u64>,
-    /// Active or revoked.
+    /// Active, paused or revoked.
     pub status: TokenStatus,
+    /// When it was created (ms since the Unix epoch).
+    pub created_at_ms: u64,
+    /// Who created it (a token id, or `local` when auth is off).
+    pub created_by: String,
 }
+
+/// The calendar month (UTC) of a time in ms since the Unix epoch, as `yyyymm`.
+pub fn month_of(ms: u64) -> u32 {
+    // Howard Hinnant's civil-from-days.
+    let days = (ms / 86_400_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year * 100 + month) as u32
+}
+
+/// The first instant (ms since the Unix epoch) of the month after the one `ms` falls in.
+pub fn next_month_start_ms(ms: u64) -> u64 {
+    let m = month_of(ms);
+    let (mut y, mut mo) = ((m / 100) as i64, (m % 100) as i64);
+    mo += 1;
+    if mo > 12 {
+        mo = 1;
+        y += 1;
+    }
+    // days-from-civil.
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = if mo > 2 { mo - 3 } else { mo + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days.max(0) as u64) * 86_400_000
+}
+
+impl TokenRecord {
+    /// Requests counted in the month of `now_ms`.
+    pub fn used_in(&self, now_ms: u64) -> u64 {
+        if self.used_month == month_of(now_ms) {
+            self.used
+        } else {
+            0
+        }
+    }
+}
+
+/// Who did an admin action, what, and in which request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditMeta {
+    /// The token id that asked (`local` when auth is off).
+    pub who: String,
+    /// The action, such as `token.create` or `model.scale`.
+    pub action: String,
+    /// What it acted on (a token id, a model, a node id).
+    pub target: String,
+    /// The HTTP request's id.
+    pub request_id: String,
+    /// The client's address.
+    pub client_ip: String,
+    /// Details (the new replica count, the fields changed), as JSON text.
+    pub detail: String,
+}
+
+/// One recorded admin action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Increases by one per entry, across the cluster.
+    pub seq: u64,
+    /// When (ms since the Unix epoch, the proposer's clock).
+    pub at_ms: u64,
+    /// Who, what, which request.
+    pub meta: AuditMeta,
+    /// `ok`, `unchanged`, or why it was refused.
+    pub outcome: String,
+}
+
+/// How many audit entries the state keeps (the oldest go first).
+pub const AUDIT_CAPACITY: usize = 10_000;
 
 /// Where an async job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,13 +382,24 @@ pub enum Command {
         /// The token.
         id: String,
     },
-    /// Counts requests against a token's monthly quota.
+    /// Counts requests against a token's monthly quota (in the month of the envelope's
+    /// time; a new month starts from 0).
     RecordTokenUsage {
         /// The token.
         id: String,
         /// Requests to add.
         amount: u64,
     },
+    /// Applies `command` and records an audit entry with its outcome, in one entry.
+    Audited {
+        /// Who, what, which request.
+        meta: AuditMeta,
+        /// The change.
+        command: Box<Command>,
+    },
+    /// Records an audit entry for an action that changes nothing replicated (a node's
+    /// own replicas scaled, say).
+    Audit(AuditMeta),
     /// Queues a new job (status, lease, result and times are set by the state machine).
     SubmitJob(JobRecord),
     /// Leases a job to a node's runner: a queued job, a job whose lease has expired
@@ -496,6 +594,10 @@ pub struct ClusterState {
     pub jobs: BTreeMap<String, JobRecord>,
     /// The cluster's id, set once by its first leader.
     pub cluster_id: String,
+    /// The last [`AUDIT_CAPACITY`] admin actions, oldest first.
+    pub audit: VecDeque<AuditEntry>,
+    /// The sequence number of the last audit entry.
+    pub audit_seq: u64,
     applied_commands: AppliedIds,
 }
 
@@ -535,8 +637,11 @@ impl ClusterState {
         if !self.applied_commands.insert(env.id) {
             return ApplyOutcome::Duplicate;
         }
-        let now = env.issued_at_ms;
-        match &env.command {
+        self.apply_command(&env.command, env.issued_at_ms)
+    }
+
+    fn apply_command(&mut self, command: &Command, now: u64) -> ApplyOutcome {
+        match command {
             Command::UpsertNode(node) => self.upsert_node(node),
             Command::SetNodeStatus { id, status } => self.set_node_status(*id, *status),
             Command::RemoveNode { id } => self.remove_node(*id),
@@ -553,7 +658,19 @@ impl ClusterState {
             }
             Command::UpsertToken(token) => self.upsert_token(token),
             Command::RevokeToken { id } => self.revoke_token(id),
-            Command::RecordTokenUsage { id, amount } => self.record_token_usage(id, *amount),
+            Command::RecordTokenUsage { id, amount } => self.record_token_usage(id, *amount, now),
+            Command::Audited { meta, command } => {
+                if matches!(**command, Command::Audited { .. }) {
+                    return invalid("an audited command cannot hold another".into());
+                }
+                let outcome = self.apply_command(command, now);
+                self.record_audit(meta, now, &outcome);
+                outcome
+            }
+            Command::Audit(meta) => {
+                self.record_audit(meta, now, &ApplyOutcome::Applied);
+                ApplyOutcome::Applied
+            }
             Command::SubmitJob(job) => self.submit_job(job, now),
             Command::LeaseJob {
                 id,
@@ -779,6 +896,9 @@ impl ClusterState {
                 return conflict(format!("token {:?} is revoked", token.id));
             }
             token.used = old.used;
+            token.used_month = old.used_month;
+            token.created_at_ms = old.created_at_ms;
+            token.created_by = old.created_by.clone();
         }
         self.tokens.insert(token.id.clone(), token);
         ApplyOutcome::Applied
@@ -795,15 +915,41 @@ impl ClusterState {
         ApplyOutcome::Applied
     }
 
-    fn record_token_usage(&mut self, id: &str, amount: u64) -> ApplyOutcome {
+    fn record_token_usage(&mut self, id: &str, amount: u64, now: u64) -> ApplyOutcome {
         let Some(token) = self.tokens.get_mut(id) else {
             return not_found(Entity::Token, id);
         };
         if amount == 0 {
             return ApplyOutcome::Unchanged;
         }
-        token.used = token.used.saturating_add(amount);
+        let month = month_of(now);
+        if month > token.used_month {
+            token.used_month = month;
+            token.used = 0;
+        }
+        // Usage counted late, in a month already over, is not moved into this one.
+        if month == token.used_month {
+            token.used = token.used.saturating_add(amount);
+        }
         ApplyOutcome::Applied
+    }
+
+    fn record_audit(&mut self, meta: &AuditMeta, now: u64, outcome: &ApplyOutcome) {
+        self.audit_seq += 1;
+        let outcome = match outcome {
+            ApplyOutcome::Applied => "ok".to_string(),
+            ApplyOutcome::Unchanged | ApplyOutcome::Duplicate => "unchanged".to_string(),
+            ApplyOutcome::Rejected(r) => format!("rejected: {r}"),
+        };
+        self.audit.push_back(AuditEntry {
+            seq: self.audit_seq,
+            at_ms: now,
+            meta: meta.clone(),
+            outcome,
+        });
+        while self.audit.len() > AUDIT_CAPACITY {
+            self.audit.pop_front();
+        }
     }
 
     fn submit_job(&mut self, job: &JobRecord, now: u64) -> ApplyOutcome {

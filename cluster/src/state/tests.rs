@@ -101,14 +101,28 @@ fn token(id: &str) -> TokenRecord {
         id: id.into(),
         name: format!("{id} token"),
         key_hash: vec![7; 32],
-        role: TokenRole::Inference,
+        role: TokenRole::User,
         allowed_models: vec!["mlp".into()],
         ip_allow: vec!["10.0.0.0/8".into()],
         rate_per_minute: Some(600),
         monthly_quota: Some(1_000_000),
         used: 0,
+        used_month: 0,
         expires_at_ms: None,
         status: TokenStatus::Active,
+        created_at_ms: T0,
+        created_by: "local".into(),
+    }
+}
+
+fn meta(action: &str, target: &str) -> AuditMeta {
+    AuditMeta {
+        who: "admin1".into(),
+        action: action.into(),
+        target: target.into(),
+        request_id: "req-1".into(),
+        client_ip: "127.0.0.1".into(),
+        detail: "{}".into(),
     }
 }
 
@@ -439,6 +453,84 @@ fn assignments_replace_a_models_replicas() {
 }
 
 #[test]
+fn token_usage_counts_per_calendar_month() {
+    let mut d = populated();
+    d.run(Command::UpsertToken(token("t1")));
+    // 2026-11-30T23:59:59Z, then 2026-12-01T00:00:01Z.
+    let nov = 1_796_083_199_000;
+    let dec = 1_796_083_201_000;
+    let usage = |amount| Command::RecordTokenUsage {
+        id: "t1".into(),
+        amount,
+    };
+    d.run_at(nov, usage(7));
+    assert_eq!(d.state.tokens["t1"].used_in(nov), 7);
+    assert_eq!(
+        d.state.tokens["t1"].used_in(dec),
+        0,
+        "a new month starts at 0"
+    );
+    d.run_at(dec, usage(2));
+    assert_eq!(d.state.tokens["t1"].used_in(dec), 2);
+    // November's usage reported late does not count against December.
+    d.run_at(nov, usage(100));
+    assert_eq!(d.state.tokens["t1"].used_in(dec), 2);
+    // An update of the token keeps the count.
+    d.run_at(dec, Command::UpsertToken(token("t1")));
+    assert_eq!(d.state.tokens["t1"].used_in(dec), 2);
+}
+
+#[test]
+fn audited_commands_record_who_what_and_the_outcome() {
+    let mut d = populated();
+    let out = d.run(Command::Audited {
+        meta: meta("token.create", "t1"),
+        command: Box::new(Command::UpsertToken(token("t1"))),
+    });
+    assert_eq!(out, ApplyOutcome::Applied);
+    assert!(d.state.tokens.contains_key("t1"));
+    let out = d.run(Command::Audited {
+        meta: meta("token.revoke", "t9"),
+        command: Box::new(Command::RevokeToken { id: "t9".into() }),
+    });
+    assert!(matches!(out, ApplyOutcome::Rejected(_)));
+    d.run(Command::Audit(meta("model.scale", "mlp")));
+    let entries: Vec<_> = d.state.audit.iter().collect();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0].seq, 1);
+    assert_eq!(entries[0].meta.action, "token.create");
+    assert_eq!(entries[0].outcome, "ok");
+    assert!(
+        entries[1].outcome.starts_with("rejected"),
+        "{}",
+        entries[1].outcome
+    );
+    assert_eq!(entries[2].meta.action, "model.scale");
+    assert_eq!(entries[2].seq, 3);
+    // Nesting is refused.
+    let nested = Command::Audited {
+        meta: meta("x", "y"),
+        command: Box::new(Command::Audit(meta("a", "b"))),
+    };
+    let doubly = Command::Audited {
+        meta: meta("x", "y"),
+        command: Box::new(nested),
+    };
+    assert!(matches!(d.run(doubly), ApplyOutcome::Rejected(_)));
+}
+
+#[test]
+fn the_audit_log_is_bounded() {
+    let mut d = Driver::new();
+    for i in 0..(AUDIT_CAPACITY + 5) {
+        d.run(Command::Audit(meta("model.scale", &i.to_string())));
+    }
+    assert_eq!(d.state.audit.len(), AUDIT_CAPACITY);
+    assert_eq!(d.state.audit.front().map(|e| e.seq), Some(6));
+    assert_eq!(d.state.audit_seq, (AUDIT_CAPACITY + 5) as u64);
+}
+
+#[test]
 fn tokens_upsert_usage_revoke() {
     let mut d = populated();
     assert_eq!(
@@ -763,7 +855,7 @@ fn mixed_commands(seed: u64, n: usize) -> Vec<CommandEnvelope> {
         let model_name = rng.pick(&models).to_string();
         let epoch = rng.next() % 4;
         let now = T0 + (i as u64) * 1000;
-        let command = match rng.next() % 15 {
+        let command = match rng.next() % 18 {
             0 => Command::UpsertNode(node(node_id, rng.pick(&names))),
             1 => Command::SetNodeStatus {
                 id: node_id,
@@ -798,7 +890,16 @@ fn mixed_commands(seed: u64, n: usize) -> Vec<CommandEnvelope> {
                 version: rng.pick(&names).into(),
                 published: rng.next().is_multiple_of(2),
             },
-            _ => Command::RemoveModel { name: model_name },
+            14 => Command::RemoveModel { name: model_name },
+            15 => Command::RecordTokenUsage {
+                id: rng.pick(&names).into(),
+                amount: rng.next() % 10,
+            },
+            16 => Command::Audit(meta("model.scale", &model_name)),
+            _ => Command::Audited {
+                meta: meta("token.pause", rng.pick(&names)),
+                command: Box::new(Command::UpsertToken(token(rng.pick(&names)))),
+            },
         };
         // Now and then, a retry of an earlier envelope.
         if !out.is_empty() && rng.next().is_multiple_of(10) {
@@ -905,6 +1006,8 @@ fn restore_refuses_bad_bytes() {
             BTreeMap::<String, TokenRecord>::new(),
             BTreeMap::<String, JobRecord>::new(),
             String::new(),
+            VecDeque::<AuditEntry>::new(),
+            0u64,
             ids,
         ))
     };
