@@ -18,6 +18,7 @@
 //! (the gateway stops accepting and finishes in-flight requests, replicas drain their
 //! queues).
 
+pub mod bootstrap;
 pub mod error;
 pub mod metrics;
 pub mod model_instance;
@@ -98,11 +99,22 @@ pub fn resolve_cookie(config: &NodeConfig) -> Result<String, NodeError> {
         }
     }
     if c.join.is_none() && c.cluster_addr.ip().is_loopback() {
-        return Ok(format!(
-            "{:016x}{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        ));
+        // Kept in the data dir: API tokens are hashed with a key made from the cookie, so
+        // it must stay the same across restarts.
+        let path = config.data_dir.join("cookie");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if !text.trim().is_empty() {
+                return Ok(text.trim().to_string());
+            }
+        }
+        let mut bytes = [0u8; 24];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| NodeError::Startup(format!("no randomness for a cookie: {e}")))?;
+        let cookie: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        bootstrap::write_private(&path, &cookie).map_err(|e| {
+            NodeError::Startup(format!("cannot write the cookie {}: {e}", path.display()))
+        })?;
+        return Ok(cookie);
     }
     Err(NodeError::Startup(
         "a cluster cookie is required: give --cookie-file FILE (or cluster.cookie_file) or set COHORT_COOKIE"

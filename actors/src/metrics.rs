@@ -32,6 +32,7 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     replicas: IntGaugeVec,
     uptime: IntGauge,
+    rejected: IntCounterVec,
 }
 
 /// Handles for one model, taken once so that the engine thread does no label lookups.
@@ -130,8 +131,20 @@ impl Metrics {
             IntGauge::new("cohort_uptime_seconds", "Seconds since the node started.")
                 .expect("valid gauge"),
         );
+        let rejected = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cohort_http_rejected_total",
+                    "Requests refused before any work, by reason (unauthenticated, forbidden, rate_limited, quota, concurrency).",
+                ),
+                &["reason"],
+            )
+            .expect("valid counter"),
+        );
         Metrics {
             registry: r,
+            rejected,
             requests,
             request_duration,
             queue_seconds,
@@ -142,6 +155,11 @@ impl Metrics {
             replicas,
             uptime,
         }
+    }
+
+    /// Counts a request refused before any work; `reason` is one of a fixed few.
+    pub fn count_rejected(&self, reason: &'static str) {
+        self.rejected.with_label_values(&[reason]).inc();
     }
 
     /// The handles one model's replicas update.

@@ -581,6 +581,12 @@ impl Actor for NodeSupervisor {
         state.children.insert(agent.server.get_id(), Child::Cluster);
         let _ = ctx.cluster.set(agent.handle.clone());
         register_models(agent.handle.clone(), ctx.config.all_models());
+        if ctx.config.cluster.join.is_none() {
+            tokio::spawn(crate::bootstrap::admin_token(
+                agent.handle.clone(),
+                ctx.config.admin_token_path(),
+            ));
+        }
         state.cluster = Some(agent);
 
         for model in ctx.config.all_models() {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cohort_cluster::{
@@ -12,8 +12,9 @@ use cohort_cluster::{
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::{json_body, json_response, AppState};
+use crate::{json_body, json_response, AppState, RequestId};
 
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,7 +25,7 @@ pub struct ClusterQuery {
     consistent: bool,
 }
 
-fn handle(state: &AppState) -> Result<&ClusterHandle, ApiError> {
+pub(crate) fn handle(state: &AppState) -> Result<&ClusterHandle, ApiError> {
     state
         .ctx
         .cluster
@@ -32,7 +33,7 @@ fn handle(state: &AppState) -> Result<&ClusterHandle, ApiError> {
         .ok_or_else(|| ApiError::NoReplica("the cluster membership is not running".into()))
 }
 
-fn map_err(e: ClusterError) -> ApiError {
+pub(crate) fn map_err(e: ClusterError) -> ApiError {
     match e {
         ClusterError::Timeout | ClusterError::NotLeader { .. } => ApiError::Timeout(format!(
             "the cluster did not answer in time (no leader or no quorum?): {e}"
@@ -95,6 +96,8 @@ pub async fn status(
 /// `DELETE /api/v1/cluster/nodes/{id}`: removes a member.
 pub async fn remove_node(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     path: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(id) = path.map_err(|e| ApiError::InvalidInput {
@@ -113,6 +116,11 @@ pub async fn remove_node(
         .remove_member(id, CLUSTER_TIMEOUT)
         .await
         .map_err(map_err)?;
+    crate::tokens::record(
+        &state,
+        caller.audit(&rid, "node.remove", &id.to_string(), json!({})),
+    )
+    .await;
     Ok(json_response(
         &json!({"removed": id, "index": committed.index}),
     ))
@@ -142,6 +150,8 @@ const ENGINES: &[&str] = &["candle-mlp", "onnx", "candle-bert", "echo", "sleep",
 /// models of its own configuration.
 pub async fn register_model(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -171,8 +181,14 @@ pub async fn register_model(
             .into_iter()
             .collect(),
     };
+    let meta = caller.audit(
+        &rid,
+        "model.register",
+        &record.name,
+        json!({"engine": record.engine, "path": record.path}),
+    );
     let committed = handle(&state)?
-        .propose(Command::RegisterModel(record), CLUSTER_TIMEOUT)
+        .propose_audited(Command::RegisterModel(record), meta, CLUSTER_TIMEOUT)
         .await
         .map_err(map_err)?;
     let (status, created) = match committed.outcome {

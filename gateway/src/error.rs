@@ -49,6 +49,19 @@ pub enum ApiError {
     /// The engine failed.
     #[error("{0}")]
     InferenceFailed(String),
+    /// No token, or one that is not (or no longer) a token of this cluster.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The token may not do this: wrong role, model or address, paused, expired.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Over the token's rate limit or monthly quota.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        /// Seconds until a retry can succeed.
+        retry_after_s: u64,
+    },
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -73,6 +86,9 @@ impl ApiError {
             ApiError::Overloaded(_) | ApiError::NoReplica(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::InferenceFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -88,6 +104,9 @@ impl ApiError {
             ApiError::NoReplica(_) => "NO_REPLICA",
             ApiError::Timeout(_) => "TIMEOUT",
             ApiError::InferenceFailed(_) => "INFERENCE_FAILED",
+            ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
         }
     }
 
@@ -144,13 +163,32 @@ impl From<InferError> for ApiError {
 #[derive(Clone)]
 pub struct PendingError(pub ApiError);
 
+impl ApiError {
+    /// Adds the headers this error calls for (`Retry-After`, `WWW-Authenticate`), in
+    /// every dialect.
+    pub fn add_headers(&self, headers: &mut axum::http::HeaderMap) {
+        match self {
+            ApiError::Overloaded(_) | ApiError::NoReplica(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+            }
+            ApiError::RateLimited { retry_after_s, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            }
+            ApiError::Unauthenticated(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"cohort\""),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = self.status().into_response();
-        if matches!(self, ApiError::Overloaded(_) | ApiError::NoReplica(_)) {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
-        }
+        self.add_headers(res.headers_mut());
         res.extensions_mut().insert(PendingError(self));
         res
     }
@@ -181,6 +219,20 @@ mod tests {
                 500,
                 "INFERENCE_FAILED",
             ),
+            (
+                ApiError::Unauthenticated("x".into()),
+                401,
+                "UNAUTHENTICATED",
+            ),
+            (ApiError::Forbidden("x".into()), 403, "FORBIDDEN"),
+            (
+                ApiError::RateLimited {
+                    message: "x".into(),
+                    retry_after_s: 7,
+                },
+                429,
+                "RATE_LIMITED",
+            ),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status().as_u16(), status, "{code}");
@@ -195,6 +247,14 @@ mod tests {
     fn overload_says_when_to_retry() {
         let res = ApiError::Overloaded("full".into()).into_response();
         assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        let res = ApiError::RateLimited {
+            message: "slow down".into(),
+            retry_after_s: 42,
+        }
+        .into_response();
+        assert_eq!(res.headers()[header::RETRY_AFTER], "42");
+        let res = ApiError::Unauthenticated("who?".into()).into_response();
+        assert!(res.headers().contains_key(header::WWW_AUTHENTICATE));
     }
 
     #[test]

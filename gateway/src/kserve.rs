@@ -54,6 +54,7 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{inference, json_response, models, AppState, RequestId};
 
@@ -79,10 +80,7 @@ pub(crate) fn error_response(e: impl Into<ApiError>) -> Response {
     let e: ApiError = e.into();
     let status = e.status();
     let mut res = (status, json_response(&json!({"error": e.to_string()}))).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
+    e.add_headers(res.headers_mut());
     res
 }
 
@@ -375,6 +373,7 @@ fn reason(route: &ModelRoute) -> String {
 /// `POST /v2/repository/index`, with an empty body or `{"ready": bool}` (only ready models).
 pub async fn repository_index(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     respond((|| {
@@ -384,6 +383,7 @@ pub async fn repository_index(
         let models: Vec<Value> = table
             .models()
             .into_iter()
+            .filter(|(name, _)| caller.allows_model(name))
             .filter_map(|(name, route)| {
                 let ready = route.replicas.iter().any(|r| r.is_ready());
                 if parsed.ready == Some(true) && !ready {
@@ -405,6 +405,8 @@ pub async fn repository_index(
 /// and answers 200 once a replica is ready, 400 when its replicas failed to load.
 pub async fn load(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     Path(model): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -416,6 +418,8 @@ pub async fn load(
             reply,
         })
         .await?;
+        let meta = caller.audit(&rid, "model.preload", &model, json!({"via": "kserve"}));
+        crate::tokens::record(&state, meta).await;
         let deadline = tokio::time::Instant::now() + LOAD_WAIT;
         loop {
             let table = state.ctx.router.snapshot();
@@ -453,6 +457,8 @@ pub async fn load(
 /// replica (each drains first); the model stays in the index and can be loaded again.
 pub async fn unload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     Path(model): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -465,6 +471,8 @@ pub async fn unload(
             reply,
         })
         .await?;
+        let meta = caller.audit(&rid, "model.unload", &model, json!({"via": "kserve"}));
+        crate::tokens::record(&state, meta).await;
         Ok(StatusCode::OK.into_response())
     }
     .await;

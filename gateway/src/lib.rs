@@ -10,6 +10,7 @@
 //! NodeSupervisor restarts it on the same address. When the actor is stopped, the server
 //! stops accepting, finishes the requests in flight, and only then does the actor stop.
 
+pub mod auth;
 mod cluster;
 pub mod error;
 mod health;
@@ -18,6 +19,7 @@ mod kserve;
 mod models;
 mod openai;
 pub mod tensor_json;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct AppState {
     pub ctx: Arc<NodeContext>,
     pub supervisor: ActorRef<SupervisorMsg>,
+    /// Rate-limit buckets and usage counts of API tokens.
+    pub auth: Arc<auth::AuthState>,
 }
 
 /// The id of the request being served.
@@ -67,7 +71,18 @@ pub fn app(state: AppState) -> axum::Router {
             "/api/v1/models",
             get(models::list).post(cluster::register_model),
         )
-        .route("/api/v1/models/{model}", get(models::show))
+        .route(
+            "/api/v1/models/{model}",
+            get(models::show).delete(models::delete),
+        )
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route(
+            "/api/v1/tokens/{id}",
+            get(tokens::show)
+                .patch(tokens::update)
+                .delete(tokens::revoke),
+        )
+        .route("/api/v1/audit", get(tokens::audit))
         .route("/api/v1/models/{model}/infer", post(inference::infer))
         .route("/api/v1/models/{model}/batch", post(inference::batch))
         .route("/api/v1/models/{model}/scale", post(models::scale))
@@ -106,6 +121,10 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/v2/repository/models/{model}/unload", post(kserve::unload))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(request_id))
@@ -260,11 +279,19 @@ impl Actor for GatewayActor {
         };
         let addr = listener.local_addr()?;
         args.ctx.set_http_addr(addr);
+        let auth = Arc::new(auth::AuthState::new(args.ctx.config.auth_enabled()));
         let app = app(AppState {
             ctx: Arc::clone(&args.ctx),
             supervisor: args.supervisor,
+            auth: Arc::clone(&auth),
         });
         let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(auth::usage_flusher(
+            auth,
+            Arc::clone(&args.ctx),
+            Duration::from_millis(args.ctx.config.auth.usage_flush_ms),
+            stopped.clone(),
+        ));
         let shutdown = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
@@ -278,7 +305,7 @@ impl Actor for GatewayActor {
             };
             let _ = myself.cast(GatewayMsg::ServerExited(reason));
         });
-        tracing::info!(%addr, "gateway listening");
+        tracing::info!(%addr, auth = if args.ctx.config.auth_enabled() { "on" } else { "off" }, "gateway listening");
         Ok(GatewayState {
             addr,
             stop,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cohort_actors::router::ModelRoute;
@@ -11,8 +11,10 @@ use cohort_actors::{ControlError, ReplicaState, SupervisorMsg};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::{json_body, json_response, AppState};
+use crate::tokens::record;
+use crate::{json_body, json_response, AppState, RequestId};
 
 /// The model's state: `ready` when any replica serves, else the first replica's state.
 fn model_state(route: &ModelRoute) -> &'static str {
@@ -52,11 +54,12 @@ fn describe(route: &ModelRoute, with_replicas: bool) -> Value {
 }
 
 /// `GET /api/v1/models`
-pub async fn list(State(state): State<AppState>) -> Response {
+pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
     let table = state.ctx.router.snapshot();
     let models: Vec<Value> = table
         .models()
         .into_iter()
+        .filter(|(name, _)| caller.allows_model(name))
         .map(|(_, r)| describe(r, false))
         .collect();
     json_response(&json!({ "models": models, "devices": state.ctx.devices }))
@@ -121,6 +124,8 @@ fn show_now(state: &AppState, model: &str) -> Result<Response, ApiError> {
 /// Scaling down drains the removed replicas: they finish their queues first.
 pub async fn scale(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -134,13 +139,19 @@ pub async fn scale(
         reply,
     })
     .await?;
-    show_now(&state, &model)
+    // The replicas as the change left them, before the audit entry's round trip.
+    let shown = show_now(&state, &model);
+    let detail = json!({"replicas": parsed.replicas});
+    record(&state, caller.audit(&rid, "model.scale", &model, detail)).await;
+    shown
 }
 
 /// `POST /api/v1/models/{model}/unload`: stop every replica (each drains first); the model
 /// stays registered and can be preloaded again.
 pub async fn unload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     control(&state, |reply| SupervisorMsg::SetReplicas {
@@ -149,6 +160,11 @@ pub async fn unload(
         reply,
     })
     .await?;
+    record(
+        &state,
+        caller.audit(&rid, "model.unload", &model, json!({})),
+    )
+    .await;
     show_now(&state, &model)
 }
 
@@ -156,6 +172,8 @@ pub async fn unload(
 /// (at least one), and answer once one is ready (202 if that takes over a minute).
 pub async fn preload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     control(&state, |reply| SupervisorMsg::Preload {
@@ -163,6 +181,11 @@ pub async fn preload(
         reply,
     })
     .await?;
+    record(
+        &state,
+        caller.audit(&rid, "model.preload", &model, json!({})),
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + PRELOAD_WAIT;
     loop {
         let table = state.ctx.router.snapshot();
@@ -185,4 +208,46 @@ pub async fn preload(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `DELETE /api/v1/models/{model}`: removes the model from the cluster's registry (with
+/// its deployment and assignments) and stops this node's replicas of it (each drains
+/// first). A model in a node's configuration is registered again when that node starts.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let cluster = crate::cluster::handle(&state)?;
+    let served_here = state.ctx.router.snapshot().get(&model).is_some();
+    let meta = caller.audit(&rid, "model.delete", &model, json!({}));
+    let committed = cluster
+        .propose_audited(
+            cohort_cluster::Command::RemoveModel {
+                name: model.clone(),
+            },
+            meta,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(crate::cluster::map_err)?;
+    let registered = matches!(committed.outcome, cohort_cluster::ApplyOutcome::Applied);
+    if !registered && !served_here {
+        return Err(ApiError::ModelNotFound(model));
+    }
+    if served_here {
+        control(&state, |reply| SupervisorMsg::SetReplicas {
+            model: model.clone(),
+            replicas: 0,
+            reply,
+        })
+        .await?;
+    }
+    Ok(json_response(&json!({
+        "model": model,
+        "deleted": true,
+        "was_registered": registered,
+        "replicas_stopped_here": served_here,
+    })))
 }

@@ -27,13 +27,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use cohort_engines::{DType, ModelMetadata, Tensor, TensorData, TensorMap};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::{inference, json_response, AppState, RequestId};
 
@@ -89,6 +90,9 @@ pub(crate) fn error_response(e: impl Into<OpenAiError>) -> Response {
         ApiError::NoReplica(_) => ("service_unavailable", json!("no_replica")),
         ApiError::Timeout(_) => ("timeout", json!("timeout")),
         ApiError::InferenceFailed(_) => ("server_error", json!("inference_failed")),
+        ApiError::Unauthenticated(_) => ("authentication_error", json!("invalid_api_key")),
+        ApiError::Forbidden(_) => ("permission_error", json!("forbidden")),
+        ApiError::RateLimited { .. } => ("rate_limit_error", json!("rate_limit_exceeded")),
     };
     let message = match &error {
         ApiError::ModelNotFound(m) => format!("The model `{m}` does not exist"),
@@ -101,10 +105,7 @@ pub(crate) fn error_response(e: impl Into<OpenAiError>) -> Response {
         "code": code,
     }});
     let mut res = (status, json_response(&body)).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
+    error.add_headers(res.headers_mut());
     res
 }
 
@@ -122,12 +123,16 @@ fn node_started(state: &AppState) -> u64 {
 }
 
 /// `GET /v1/models`
-pub async fn list_models(State(state): State<AppState>) -> Response {
+pub async fn list_models(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let created = node_started(&state);
     let table = state.ctx.router.snapshot();
     let data: Vec<Value> = table
         .models()
         .into_iter()
+        .filter(|(name, _)| caller.allows_model(name))
         .map(|(name, _)| {
             json!({"id": name, "object": "model", "created": created, "owned_by": "cohort"})
         })
@@ -250,11 +255,12 @@ fn base64(bytes: &[u8]) -> String {
 pub async fn embeddings(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
     let mut model = String::new();
-    let result = run_embeddings(&state, &rid, body, &mut model).await;
+    let result = run_embeddings(&state, &rid, &caller, body, &mut model).await;
     let response = result.unwrap_or_else(error_response);
     inference::record(&state, &model, ENDPOINT, response.status(), started);
     response
@@ -263,6 +269,7 @@ pub async fn embeddings(
 async fn run_embeddings(
     state: &AppState,
     rid: &RequestId,
+    caller: &Caller,
     body: Result<Bytes, BytesRejection>,
     model_out: &mut String,
 ) -> Result<Response, OpenAiError> {
@@ -281,6 +288,11 @@ async fn run_embeddings(
     drop(body);
     *model_out = req.model.clone();
     let model = req.model.as_str();
+    // The token's models before anything else: no answer tells it which models exist.
+    caller.check_model(model).map_err(|error| OpenAiError {
+        error,
+        param: Some("model"),
+    })?;
 
     // The model first: an unknown model is 404 whatever the rest says.
     let (meta, counter) = {
@@ -454,7 +466,7 @@ mod tests {
     fn errors_have_openai_shape() {
         let res = error_response(ApiError::Overloaded("full".into()));
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(res.headers()[axum::http::header::RETRY_AFTER], "1");
         let res = error_response(ApiError::Timeout("late".into()));
         assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
         let res = error_response(ApiError::ModelNotFound("x".into()));
