@@ -19,7 +19,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -78,6 +78,14 @@ pub struct BenchArgs {
     /// tensor extension: raw little-endian inputs, binary outputs).
     #[arg(long, value_enum, default_value_t = Protocol::Rest)]
     pub protocol: Protocol,
+    /// API token sent as `Authorization: Bearer` (a node with auth on needs one).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "COHORT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 /// The wire protocol `cohort bench` speaks.
@@ -95,7 +103,13 @@ pub enum Protocol {
 /// Runs `cohort bench`: builds the request body, runs the load and prints the
 /// report on stdout (progress notes go to stderr, and none with --json).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let base = BaseUrl::parse(&args.url)?;
+    let mut base = BaseUrl::parse(&args.url)?;
+    if let Some(token) = &args.token {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .context("--token is not a valid header value")?;
+        value.set_sensitive(true);
+        base.authorization = Some(value);
+    }
     let mut inference_header = None;
     let body = match &args.body {
         Some(file) => {
@@ -176,6 +190,8 @@ struct BaseUrl {
     host_header: String,
     /// Path prefix without a trailing '/'; empty for none.
     base_path: String,
+    /// `Authorization: Bearer <token>`, when a token is given.
+    authorization: Option<HeaderValue>,
 }
 
 impl BaseUrl {
@@ -218,6 +234,7 @@ impl BaseUrl {
             port,
             host_header,
             base_path,
+            authorization: None,
         })
     }
 
@@ -287,6 +304,10 @@ impl Target {
             .uri(self.uri.clone())
             .header(HOST, self.host_header.clone())
             .header(USER_AGENT, HeaderValue::from_static("cohort-bench"));
+        let builder = match &self.base.authorization {
+            Some(auth) => builder.header(AUTHORIZATION, auth.clone()),
+            None => builder,
+        };
         let builder = match &self.inference_header {
             None => builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json")),
             Some(n) => builder
@@ -376,12 +397,15 @@ async fn fetch_metadata(base: &BaseUrl, model: &str, protocol: Protocol) -> anyh
     };
     let uri = base.uri(&path)?;
     let url = format!("http://{}{}", base.host_header, uri);
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::GET)
         .uri(uri)
         .header(HOST, HeaderValue::from_str(&base.host_header)?)
-        .header(USER_AGENT, HeaderValue::from_static("cohort-bench"))
-        .body(Full::new(Bytes::new()))?;
+        .header(USER_AGENT, HeaderValue::from_static("cohort-bench"));
+    if let Some(auth) = &base.authorization {
+        request = request.header(AUTHORIZATION, auth.clone());
+    }
+    let request = request.body(Full::new(Bytes::new()))?;
     let (status, body, _, _) = timeout(METADATA_TIMEOUT, async {
         let mut conn = Connection::open(base).await?;
         conn.roundtrip(request).await

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// `cohort ctl` arguments.
 #[derive(clap::Args, Debug)]
@@ -21,6 +21,19 @@ pub struct CtlArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// API token to send (`Authorization: Bearer`); admin commands need an admin token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "COHORT_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+    /// File holding the API token, such as the `admin-token` a new cluster writes into its
+    /// data dir.
+    #[arg(long, value_name = "FILE", env = "COHORT_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -37,6 +50,126 @@ enum CtlCommand {
         #[command(subcommand)]
         what: NodeCmd,
     },
+    /// API tokens (admin only).
+    Token {
+        #[command(subcommand)]
+        what: TokenCmd,
+    },
+    /// The audit log of admin actions, newest first (admin only).
+    Audit {
+        /// Only this action, or a family of them (`token`, `model.scale`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only actions by this token id.
+        #[arg(long)]
+        who: Option<String>,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+/// The settings of a token that `create` and `update` share.
+#[derive(clap::Args, Debug, Default)]
+struct TokenFields {
+    /// A name for people.
+    #[arg(long)]
+    name: Option<String>,
+    /// `user` (inference, reading its models) or `admin` (everything).
+    #[arg(long, value_parser = ["user", "admin"])]
+    role: Option<String>,
+    /// A model the token may use, as a glob (`bert-*`); repeat for more. None: all.
+    #[arg(long = "model", value_name = "GLOB")]
+    models: Vec<String>,
+    /// An address or CIDR the token may come from; repeat for more. None: any.
+    #[arg(long = "ip", value_name = "CIDR")]
+    ips: Vec<String>,
+    /// Requests a minute, on each node.
+    #[arg(long, value_name = "N")]
+    rate: Option<u32>,
+    /// Requests a calendar month (UTC), across the cluster.
+    #[arg(long, value_name = "N")]
+    quota: Option<u64>,
+    /// Expires after this long (`30d`, `12h`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    expires_in: Option<Duration>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a token and print its secret (shown this once).
+    Create {
+        #[command(flatten)]
+        fields: TokenFields,
+    },
+    /// List the tokens.
+    List,
+    /// Show one token.
+    Show {
+        /// The token's id.
+        id: String,
+    },
+    /// Change a token: only the settings given change.
+    Update {
+        /// The token's id.
+        id: String,
+        #[command(flatten)]
+        fields: TokenFields,
+        /// Allow every model again.
+        #[arg(long, conflicts_with = "models")]
+        all_models: bool,
+        /// Allow every address again.
+        #[arg(long, conflicts_with = "ips")]
+        any_ip: bool,
+        /// Remove the rate limit.
+        #[arg(long, conflicts_with = "rate")]
+        no_rate: bool,
+        /// Remove the monthly quota.
+        #[arg(long, conflicts_with = "quota")]
+        no_quota: bool,
+        /// Never expire.
+        #[arg(long, conflicts_with = "expires_in")]
+        no_expiry: bool,
+        /// Refuse the token until it is resumed.
+        #[arg(long, conflicts_with = "resume")]
+        pause: bool,
+        /// Accept a paused token again.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Revoke a token for good.
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
+}
+
+impl TokenFields {
+    fn body(&self) -> serde_json::Map<String, Value> {
+        let mut b = serde_json::Map::new();
+        if let Some(v) = &self.name {
+            b.insert("name".into(), json!(v));
+        }
+        if let Some(v) = &self.role {
+            b.insert("role".into(), json!(v));
+        }
+        if !self.models.is_empty() {
+            b.insert("allowed_models".into(), json!(self.models));
+        }
+        if !self.ips.is_empty() {
+            b.insert("ip_allow".into(), json!(self.ips));
+        }
+        if let Some(v) = self.rate {
+            b.insert("rate_per_minute".into(), json!(v));
+        }
+        if let Some(v) = self.quota {
+            b.insert("monthly_quota".into(), json!(v));
+        }
+        if let Some(v) = self.expires_in {
+            b.insert("expires_in_s".into(), json!(v.as_secs().max(1)));
+        }
+        b
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -56,18 +189,81 @@ enum NodeCmd {
     },
 }
 
+/// An HTTP client that sends the token.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = res.status();
+        let v: Value = res
+            .json()
+            .await
+            .with_context(|| format!("{url} did not answer JSON"))?;
+        if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+            bail!(
+                "{status}: {} (give --token or --token-file)",
+                error_message(&v)
+            );
+        }
+        if !status.is_success() {
+            bail!("{status}: {}", error_message(&v));
+        }
+        Ok(v)
+    }
+}
+
+fn token_of(args: &CtlArgs) -> anyhow::Result<Option<String>> {
+    if let Some(t) = &args.token {
+        return Ok(Some(t.trim().to_string()));
+    }
+    if let Some(path) = &args.token_file {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    Ok(None)
+}
+
 /// Runs `cohort ctl`.
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .context("cannot build an HTTP client")?;
-    let base = args.url.trim_end_matches('/');
+    let api = Api {
+        http,
+        base: args.url.trim_end_matches('/').to_string(),
+        token: token_of(&args)?,
+    };
+    use reqwest::Method;
     match args.command {
         CtlCommand::Cluster {
             what: ClusterCmd::Status,
         } => {
-            let v = get(&http, &format!("{base}/api/v1/cluster?consistent=true")).await?;
+            let v = api
+                .send(Method::GET, "/api/v1/cluster?consistent=true", None)
+                .await?;
             if args.json {
                 println!("{v}");
             } else {
@@ -77,7 +273,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Node {
             what: NodeCmd::List,
         } => {
-            let v = get(&http, &format!("{base}/api/v1/cluster")).await?;
+            let v = api.send(Method::GET, "/api/v1/cluster", None).await?;
             if args.json {
                 println!("{}", v["nodes"]);
             } else {
@@ -87,41 +283,220 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Node {
             what: NodeCmd::Remove { id },
         } => {
-            let res = http
-                .delete(format!("{base}/api/v1/cluster/nodes/{id}"))
-                .send()
-                .await
-                .with_context(|| format!("cannot reach {base}"))?;
-            let status = res.status();
-            let v: Value = res.json().await.unwrap_or(Value::Null);
-            if !status.is_success() {
-                bail!("{status}: {}", error_message(&v));
-            }
+            let v = api
+                .send(Method::DELETE, &format!("/api/v1/cluster/nodes/{id}"), None)
+                .await?;
             if args.json {
                 println!("{v}");
             } else {
                 println!("node {id} removed (log index {})", v["index"]);
             }
         }
+        CtlCommand::Token { what } => token(&api, what, args.json).await?,
+        CtlCommand::Audit { action, who, limit } => {
+            let mut q = format!("/api/v1/audit?limit={limit}");
+            if let Some(a) = action {
+                q.push_str(&format!("&action={}", encode(&a)));
+            }
+            if let Some(w) = who {
+                q.push_str(&format!("&who={}", encode(&w)));
+            }
+            let v = api.send(Method::GET, &q, None).await?;
+            if args.json {
+                println!("{v}");
+            } else {
+                print!("{}", audit_table(&v));
+            }
+        }
     }
     Ok(())
 }
 
-async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
-    let res = http
-        .get(url)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = res.status();
-    let v: Value = res
-        .json()
-        .await
-        .with_context(|| format!("{url} did not answer JSON"))?;
-    if !status.is_success() {
-        bail!("{status}: {}", error_message(&v));
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn token(api: &Api, cmd: TokenCmd, json_out: bool) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let v = match cmd {
+        TokenCmd::Create { fields } => {
+            if fields.name.is_none() {
+                bail!("a token needs a --name");
+            }
+            let v = api
+                .send(
+                    Method::POST,
+                    "/api/v1/tokens",
+                    Some(Value::Object(fields.body())),
+                )
+                .await?;
+            if !json_out {
+                println!(
+                    "token {} created; its secret (shown only now):",
+                    text(&v["id"])
+                );
+                println!("{}", text(&v["secret"]));
+                return Ok(());
+            }
+            v
+        }
+        TokenCmd::List => {
+            let v = api.send(Method::GET, "/api/v1/tokens", None).await?;
+            if !json_out {
+                print!("{}", tokens_table(&v["tokens"]));
+                return Ok(());
+            }
+            v
+        }
+        TokenCmd::Show { id } => {
+            api.send(
+                Method::GET,
+                &format!("/api/v1/tokens/{}", encode(&id)),
+                None,
+            )
+            .await?
+        }
+        TokenCmd::Update {
+            id,
+            fields,
+            all_models,
+            any_ip,
+            no_rate,
+            no_quota,
+            no_expiry,
+            pause,
+            resume,
+        } => {
+            let mut b = fields.body();
+            if all_models {
+                b.insert("allowed_models".into(), json!([]));
+            }
+            if any_ip {
+                b.insert("ip_allow".into(), json!([]));
+            }
+            if no_rate {
+                b.insert("rate_per_minute".into(), Value::Null);
+            }
+            if no_quota {
+                b.insert("monthly_quota".into(), Value::Null);
+            }
+            if no_expiry {
+                b.insert("expires_at_ms".into(), Value::Null);
+            }
+            if pause {
+                b.insert("status".into(), json!("paused"));
+            }
+            if resume {
+                b.insert("status".into(), json!("active"));
+            }
+            if b.is_empty() {
+                bail!("nothing to change: give at least one setting");
+            }
+            api.send(
+                Method::PATCH,
+                &format!("/api/v1/tokens/{}", encode(&id)),
+                Some(Value::Object(b)),
+            )
+            .await?
+        }
+        TokenCmd::Revoke { id } => {
+            api.send(
+                Method::DELETE,
+                &format!("/api/v1/tokens/{}", encode(&id)),
+                None,
+            )
+            .await?
+        }
+    };
+    if json_out {
+        println!("{v}");
+    } else {
+        print!("{}", tokens_table(&json!([v])));
     }
-    Ok(v)
+    Ok(())
+}
+
+fn tokens_table(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    let models = t["allowed_models"]
+                        .as_array()
+                        .filter(|a| !a.is_empty())
+                        .map_or("*".to_string(), |a| {
+                            a.iter().map(text).collect::<Vec<_>>().join(",")
+                        });
+                    let quota = match t["monthly_quota"].as_u64() {
+                        Some(q) => format!("{}/{q}", text(&t["used_this_month"])),
+                        None => format!("{}/-", text(&t["used_this_month"])),
+                    };
+                    vec![
+                        text(&t["id"]),
+                        text(&t["name"]),
+                        text(&t["role"]),
+                        text(&t["status"]),
+                        models,
+                        text(&t["rate_per_minute"]),
+                        quota,
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "ID",
+            "NAME",
+            "ROLE",
+            "STATUS",
+            "MODELS",
+            "RATE/MIN",
+            "USED/QUOTA",
+        ],
+        &rows,
+    )
+}
+
+fn audit_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["entries"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .map(|e| {
+                    vec![
+                        text(&e["seq"]),
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH
+                                + Duration::from_millis(e["at_ms"].as_u64().unwrap_or(0)),
+                        )
+                        .to_string(),
+                        text(&e["who"]),
+                        text(&e["action"]),
+                        text(&e["target"]),
+                        text(&e["outcome"]),
+                        text(&e["request_id"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "SEQ", "WHEN", "WHO", "ACTION", "TARGET", "OUTCOME", "REQUEST",
+        ],
+        &rows,
+    )
 }
 
 fn error_message(v: &Value) -> String {
@@ -228,7 +603,23 @@ fn nodes_table(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    #[test]
+    fn token_tables_show_limits_and_usage() {
+        let t = tokens_table(&json!([
+            {"id": "ab", "name": "app", "role": "user", "status": "active", "allowed_models": ["bert-*", "mlp"], "rate_per_minute": 60, "monthly_quota": 1000, "used_this_month": 7},
+            {"id": "cd", "name": "ops", "role": "admin", "status": "paused", "allowed_models": [], "rate_per_minute": null, "monthly_quota": null, "used_this_month": 0}
+        ]));
+        assert!(t.contains("bert-*,mlp"), "{t}");
+        assert!(t.contains("7/1000"), "{t}");
+        assert!(t.lines().nth(2).unwrap().contains("paused"), "{t}");
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(encode("model.scale"), "model.scale");
+        assert_eq!(encode("a b&c"), "a%20b%26c");
+    }
 
     fn sample() -> Value {
         json!({

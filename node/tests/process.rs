@@ -273,3 +273,175 @@ fn help_explains_every_flag() {
         assert!(text.contains(flag), "missing {flag} in {text}");
     }
 }
+
+/// Runs `cohort` with `args` and returns (success, stdout, stderr).
+fn cohort(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_manages_tokens_and_bench_sends_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().to_str().expect("utf-8 path").to_string();
+    let up = cohort_up(&["--data-dir", &data, "--auth", "on"]);
+    let token_file = dir.path().join("admin-token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !token_file.exists() {
+        assert!(Instant::now() < deadline, "the admin token file is written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin_file = token_file.to_str().expect("utf-8").to_string();
+    let url = up.url.clone();
+    tokio::task::spawn_blocking(move || {
+        // Without a token: refused, and told what to give.
+        let (ok, _, err) = cohort(&["ctl", "--url", &url, "token", "list"]);
+        assert!(!ok);
+        assert!(err.contains("401") && err.contains("--token"), "{err}");
+
+        let (ok, out, err) = cohort(&[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            &admin_file,
+            "--json",
+            "token",
+            "create",
+            "--name",
+            "app",
+            "--role",
+            "user",
+            "--model",
+            "ech*",
+            "--rate",
+            "1000000",
+            "--quota",
+            "100000",
+            "--expires-in",
+            "30d",
+        ]);
+        assert!(ok, "{err}");
+        let created: Value = serde_json::from_str(&out).expect("json");
+        let secret = created["secret"].as_str().expect("secret").to_string();
+        let id = created["id"].as_str().expect("id").to_string();
+        assert_eq!(created["allowed_models"], json!(["ech*"]));
+        assert!(created["expires_at_ms"].as_u64().is_some());
+
+        // The user token cannot list tokens, but can run a benchmark on echo.
+        let (ok, _, err) = cohort(&["ctl", "--url", &url, "--token", &secret, "token", "list"]);
+        assert!(!ok && err.contains("403"), "{err}");
+        let (ok, out, err) = cohort(&[
+            "bench",
+            "--url",
+            &url,
+            "--model",
+            "echo",
+            "--token",
+            &secret,
+            "--concurrency",
+            "2",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let report: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(report["errors"], json!({}), "{report}");
+
+        // Pause it, see it in the table, revoke it.
+        let (ok, out, err) = cohort(&[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            &admin_file,
+            "token",
+            "update",
+            &id,
+            "--pause",
+        ]);
+        assert!(ok, "{err}");
+        assert!(out.contains("paused"), "{out}");
+        let (ok, out, err) = cohort(&[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            &admin_file,
+            "token",
+            "list",
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("bootstrap-admin") && out.contains("app"),
+            "{out}"
+        );
+        let (ok, _, err) = cohort(&[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            &admin_file,
+            "token",
+            "revoke",
+            &id,
+        ]);
+        assert!(ok, "{err}");
+        let (ok, out, err) = cohort(&[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            &admin_file,
+            "audit",
+            "--action",
+            "token",
+        ]);
+        assert!(ok, "{err}");
+        for action in ["token.create", "token.pause", "token.revoke"] {
+            assert!(out.contains(action), "{action} in {out}");
+        }
+    })
+    .await
+    .expect("ctl steps");
+}
+
+#[test]
+fn auth_off_beyond_loopback_is_refused_without_insecure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ok, _, err) = cohort(&[
+        "up",
+        "--http-addr",
+        "0.0.0.0:0",
+        "--auth",
+        "off",
+        "--data-dir",
+        dir.path().to_str().expect("utf-8"),
+        "--check-config",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("auth.mode") && err.contains("--insecure"),
+        "{err}"
+    );
+    let (ok, out, err) = cohort(&[
+        "up",
+        "--http-addr",
+        "0.0.0.0:0",
+        "--auth",
+        "off",
+        "--insecure",
+        "--data-dir",
+        dir.path().to_str().expect("utf-8"),
+        "--check-config",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("insecure = true"), "{out}");
+}
