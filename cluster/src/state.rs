@@ -656,8 +656,8 @@ impl ClusterState {
             Command::SetAssignments { model, assignments } => {
                 self.set_assignments(model, assignments)
             }
-            Command::UpsertToken(token) => self.upsert_token(token),
-            Command::RevokeToken { id } => self.revoke_token(id),
+            Command::UpsertToken(token) => self.upsert_token(token, now),
+            Command::RevokeToken { id } => self.revoke_token(id, now),
             Command::RecordTokenUsage { id, amount } => self.record_token_usage(id, *amount, now),
             Command::Audited { meta, command } => {
                 if matches!(**command, Command::Audited { .. }) {
@@ -886,9 +886,41 @@ impl ClusterState {
         ApplyOutcome::Applied
     }
 
-    fn upsert_token(&mut self, token: &TokenRecord) -> ApplyOutcome {
+    /// Whether `t` is an admin token accepted at `now`.
+    fn admits(t: &TokenRecord, now: u64) -> bool {
+        t.role == TokenRole::Admin
+            && t.status == TokenStatus::Active
+            && t.expires_at_ms.is_none_or(|e| e > now)
+    }
+
+    /// Refuses a change that would leave no admin token accepted: nobody could manage
+    /// tokens any more.
+    fn keeps_an_admin(
+        &self,
+        id: &str,
+        after: Option<&TokenRecord>,
+        now: u64,
+    ) -> Result<(), ApplyOutcome> {
+        let was = self.tokens.get(id).is_some_and(|t| Self::admits(t, now));
+        let stays = after.is_some_and(|t| Self::admits(t, now));
+        let others = self
+            .tokens
+            .values()
+            .any(|t| t.id != id && Self::admits(t, now));
+        if was && !stays && !others {
+            return Err(conflict(format!(
+                "token {id:?} is the last active admin token: create another admin token first"
+            )));
+        }
+        Ok(())
+    }
+
+    fn upsert_token(&mut self, token: &TokenRecord, now: u64) -> ApplyOutcome {
         if token.id.is_empty() {
             return invalid("token id is empty".into());
+        }
+        if let Err(refused) = self.keeps_an_admin(&token.id, Some(token), now) {
+            return refused;
         }
         let mut token = token.clone();
         if let Some(old) = self.tokens.get(&token.id) {
@@ -904,7 +936,10 @@ impl ClusterState {
         ApplyOutcome::Applied
     }
 
-    fn revoke_token(&mut self, id: &str) -> ApplyOutcome {
+    fn revoke_token(&mut self, id: &str, now: u64) -> ApplyOutcome {
+        if let Err(refused) = self.keeps_an_admin(id, None, now) {
+            return refused;
+        }
         let Some(token) = self.tokens.get_mut(id) else {
             return not_found(Entity::Token, id);
         };

@@ -18,7 +18,8 @@ use crate::{json_body, json_response, AppState, RequestId};
 
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ClusterQuery {
     /// Answer through the leader (ReadIndex): a linearizable view.
     #[serde(default)]
@@ -43,6 +44,15 @@ pub(crate) fn map_err(e: ClusterError) -> ApiError {
 }
 
 /// `GET /api/v1/cluster[?consistent=true]`
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
+    params(ClusterQuery),
+    responses(
+        (status = 200, description = "Members, Raft state, registered models", body = Object),
+        (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn status(
     State(state): State<AppState>,
     query: Result<Query<ClusterQuery>, axum::extract::rejection::QueryRejection>,
@@ -94,6 +104,16 @@ pub async fn status(
 }
 
 /// `DELETE /api/v1/cluster/nodes/{id}`: removes a member.
+#[utoipa::path(delete, path = "/api/v1/cluster/nodes/{id}", tag = "cluster",
+    params(("id" = u64, Path, description = "The member's Raft id")),
+    responses(
+        (status = 200, description = "Removed", body = Object),
+        (status = 400, description = "Not a number", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such member", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn remove_node(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -127,10 +147,13 @@ pub async fn remove_node(
 }
 
 /// The body of `POST /api/v1/models`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterBody {
+pub(crate) struct RegisterBody {
+    /// The name clients use.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     name: String,
+    /// One of candle-mlp, onnx, candle-bert, echo, sleep, fail.
     engine: String,
     #[serde(default)]
     path: Option<String>,
@@ -148,6 +171,16 @@ const ENGINES: &[&str] = &["candle-mlp", "onnx", "candle-bert", "echo", "sleep",
 /// committed on a quorum). 201 when new, 200 when it was already registered. Where its
 /// replicas run is placement's business (a later part); today each node serves the
 /// models of its own configuration.
+#[utoipa::path(post, path = "/api/v1/models", tag = "models",
+    request_body = RegisterBody,
+    responses(
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 200, description = "Already registered", body = Object),
+        (status = 201, description = "Registered", body = Object),
+    )
+)]
 pub async fn register_model(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

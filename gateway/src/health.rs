@@ -11,11 +11,18 @@ use serde_json::json;
 use crate::{json_response, AppState};
 
 /// `GET /healthz`: the process is alive and serving HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()),
+    responses((status = 200, description = "Alive", body = Object)))]
 pub async fn healthz() -> Response {
     json_response(&json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: 200 once every configured model has a ready replica.
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
+    responses(
+        (status = 200, description = "Every model has a ready replica", body = Object),
+        (status = 503, description = "Not yet, or a model failed", body = Object),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let table = state.ctx.router.snapshot();
     if table.all_ready() && !state.ctx.shutting_down() {
@@ -49,6 +56,12 @@ pub fn rss_bytes() -> Option<u64> {
 
 /// `GET /api/v1/health/detailed`: replicas, queue depths, restarts, uptime, memory, and
 /// the actor tree.
+#[utoipa::path(get, path = "/api/v1/health/detailed", tag = "health",
+    responses(
+        (status = 200, description = "Replicas, queues, restarts, uptime, memory, actors", body = Object),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+    ))]
 pub async fn detailed(State(state): State<AppState>) -> Response {
     let table = state.ctx.router.snapshot();
     let mut restarts = 0;
@@ -76,6 +89,11 @@ pub async fn detailed(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+    ))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let table = state.ctx.router.snapshot();
     let uptime = state.ctx.started.elapsed();

@@ -24,29 +24,37 @@ use crate::tensor_json::{tensor_from_json, TensorMapJson};
 use crate::{json_body, AppState, RequestId};
 
 /// The body of an infer request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"inputs": {"x": [[0.5, 1.0]]}}))]
 pub struct InferBody {
     /// Input name → nested array (or list of strings).
+    #[schema(value_type = Object)]
     pub inputs: Map<String, Value>,
     /// Engine parameters. Accepted for compatibility with clients that send them; no engine
     /// of this build reads any.
     #[serde(default)]
     #[allow(dead_code)]
+    #[schema(value_type = Option<Object>)]
     pub parameters: Option<Map<String, Value>>,
     /// `high`, `normal` (default) or `low`.
     #[serde(default)]
+    #[schema(pattern = "^(high|normal|low)$")]
     pub priority: Option<String>,
     /// Deadline in milliseconds (default: the node's `limits.request_timeout_ms`).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub timeout_ms: Option<u64>,
 }
 
 /// The body of a batch request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchBody {
+pub(crate) struct BatchBody {
+    /// Infer bodies, answered one by one (at most `limits.max_batch_items`).
+    #[schema(value_type = Vec<InferBody>)]
     requests: Vec<Value>,
+    /// Run the items at once (default) or one after the other.
     #[serde(default = "default_parallel")]
     parallel: bool,
 }
@@ -248,6 +256,23 @@ pub(crate) fn record(
 }
 
 /// `POST /api/v1/models/{model}/infer`
+#[utoipa::path(
+    post,
+    path = "/api/v1/models/{model}/infer",
+    tag = "inference",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    request_body = InferBody,
+    responses(
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 200, description = "The model's outputs", body = crate::openapi::InferResponseDoc),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+        (status = 429, description = "Over the token's rate limit or quota", body = crate::openapi::ErrorEnvelope),
+        (status = 503, description = "Overloaded or no replica", body = crate::openapi::ErrorEnvelope),
+        (status = 504, description = "The deadline passed", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn infer(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,
@@ -288,6 +313,22 @@ pub async fn infer(
 }
 
 /// `POST /api/v1/models/{model}/batch`
+#[utoipa::path(
+    post,
+    path = "/api/v1/models/{model}/batch",
+    tag = "inference",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    request_body = BatchBody,
+    responses(
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 200, description = "One result or error per item, in order", body = crate::openapi::BatchResponseDoc),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+        (status = 413, description = "Too many items or too large", body = crate::openapi::ErrorEnvelope),
+        (status = 429, description = "Over the token's rate limit or quota", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn batch(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,

@@ -18,6 +18,7 @@ mod inference;
 mod kserve;
 mod models;
 mod openai;
+pub mod openapi;
 pub mod tensor_json;
 mod tokens;
 
@@ -61,6 +62,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
         .route("/api/v1/health/detailed", get(health::detailed))
         .route("/api/v1/cluster", get(cluster::status))
         .route(

@@ -54,6 +54,12 @@ fn describe(route: &ModelRoute, with_replicas: bool) -> Value {
 }
 
 /// `GET /api/v1/models`
+#[utoipa::path(get, path = "/api/v1/models", tag = "models",
+    responses(
+        (status = 200, description = "The models this node serves (those the token may use)", body = crate::openapi::ModelList),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
     let table = state.ctx.router.snapshot();
     let models: Vec<Value> = table
@@ -66,6 +72,15 @@ pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Ca
 }
 
 /// `GET /api/v1/models/{model}`
+#[utoipa::path(get, path = "/api/v1/models/{model}", tag = "models",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    responses(
+        (status = 200, description = "The model with its replicas", body = crate::openapi::ModelInfo),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn show(
     State(state): State<AppState>,
     Path(model): Path<String>,
@@ -78,9 +93,10 @@ pub async fn show(
 }
 
 /// The body of a scale request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ScaleBody {
+pub(crate) struct ScaleBody {
+    /// Replicas this node should run.
     replicas: usize,
 }
 
@@ -122,6 +138,17 @@ fn show_now(state: &AppState, model: &str) -> Result<Response, ApiError> {
 
 /// `POST /api/v1/models/{model}/scale` with `{"replicas": n}`: run n replicas on this node.
 /// Scaling down drains the removed replicas: they finish their queues first.
+#[utoipa::path(post, path = "/api/v1/models/{model}/scale", tag = "models",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    request_body = ScaleBody,
+    responses(
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 200, description = "The model with its replicas", body = crate::openapi::ModelInfo),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn scale(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -148,6 +175,15 @@ pub async fn scale(
 
 /// `POST /api/v1/models/{model}/unload`: stop every replica (each drains first); the model
 /// stays registered and can be preloaded again.
+#[utoipa::path(post, path = "/api/v1/models/{model}/unload", tag = "models",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    responses(
+        (status = 200, description = "The model with its replicas", body = crate::openapi::ModelInfo),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn unload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -170,6 +206,16 @@ pub async fn unload(
 
 /// `POST /api/v1/models/{model}/preload`: load an unloaded model with the replicas it had
 /// (at least one), and answer once one is ready (202 if that takes over a minute).
+#[utoipa::path(post, path = "/api/v1/models/{model}/preload", tag = "models",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    responses(
+        (status = 200, description = "Loaded (or failed: see the replicas)", body = crate::openapi::ModelInfo),
+        (status = 202, description = "Still loading after a minute", body = crate::openapi::ModelInfo),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn preload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -213,6 +259,15 @@ pub async fn preload(
 /// `DELETE /api/v1/models/{model}`: removes the model from the cluster's registry (with
 /// its deployment and assignments) and stops this node's replicas of it (each drains
 /// first). A model in a node's configuration is registered again when that node starts.
+#[utoipa::path(delete, path = "/api/v1/models/{model}", tag = "models",
+    params(("model" = String, Path, description = "The model's name", example = "echo")),
+    responses(
+        (status = 200, description = "Deleted", body = Object),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -53,22 +53,34 @@ fn view(t: &TokenRecord, now: u64) -> Value {
 
 /// The fields a create or a change may set. For a change, an absent field stays as it
 /// is, and `null` clears a limit.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenBody {
+pub(crate) struct TokenBody {
+    /// A name for people (required on create).
     name: Option<String>,
+    /// `user` (default) or `admin`.
+    #[schema(value_type = Option<String>, pattern = "^(user|admin)$")]
     role: Option<TokenRole>,
+    /// Glob patterns of the models the token may use; empty: all.
     allowed_models: Option<Vec<String>>,
+    /// Addresses or CIDRs it may come from; empty: any.
     ip_allow: Option<Vec<String>>,
+    /// Requests a minute on each node; null: no limit.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>, minimum = 1)]
     rate_per_minute: Option<Option<u32>>,
+    /// Requests a calendar month (UTC); null: no quota.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u64>)]
     monthly_quota: Option<Option<u64>>,
+    /// When it stops being accepted (ms since the Unix epoch); null: never.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u64>)]
     expires_at_ms: Option<Option<u64>>,
     /// Convenience: expires this many seconds from now.
     expires_in_s: Option<u64>,
     /// `active` or `paused` (a change only; revoke with DELETE).
+    #[schema(pattern = "^(active|paused)$")]
     status: Option<String>,
 }
 
@@ -196,6 +208,15 @@ fn outcome(o: ApplyOutcome) -> Result<(), ApiError> {
 }
 
 /// `POST /api/v1/tokens`: 201 with the token and its secret (shown this once).
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body = TokenBody,
+    responses(
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 201, description = "The token, with its secret (shown this once)", body = crate::openapi::TokenCreated),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -244,6 +265,13 @@ pub async fn create(
 }
 
 /// `GET /api/v1/tokens`
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
+    responses(
+        (status = 200, description = "Every token (never a secret or a hash)", body = crate::openapi::TokenList),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let now = cohort_cluster::raft_actor::now_ms();
     let tokens = cluster(&state)?.tokens();
@@ -260,6 +288,15 @@ fn get_token(state: &AppState, id: &str) -> Result<TokenRecord, ApiError> {
 }
 
 /// `GET /api/v1/tokens/{id}`
+#[utoipa::path(get, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "The token", body = crate::openapi::TokenView),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -272,6 +309,17 @@ pub async fn show(
 }
 
 /// `PATCH /api/v1/tokens/{id}`: changes the fields given.
+#[utoipa::path(patch, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token's id")),
+    request_body = TokenBody,
+    responses(
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        (status = 200, description = "The token as changed", body = crate::openapi::TokenView),
+        (status = 404, description = "No such token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn update(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -314,6 +362,15 @@ pub async fn update(
 }
 
 /// `DELETE /api/v1/tokens/{id}`: revokes the token for good.
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "The revoked token", body = crate::openapi::TokenView),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        (status = 404, description = "No such token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -354,17 +411,33 @@ pub(crate) async fn record(state: &AppState, meta: cohort_cluster::AuditMeta) {
 }
 
 /// The query of `GET /api/v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
+    /// Only entries at or after this time (ms since the Unix epoch).
     since: Option<u64>,
+    /// Only entries with a sequence number below this (the previous page's `next_before`).
     before: Option<u64>,
+    /// Only this action, or a family (`token` matches `token.create`).
     action: Option<String>,
+    /// Only this token's actions.
     who: Option<String>,
+    /// At most this many (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
 /// `GET /api/v1/audit?since=&before=&action=&who=&limit=`: newest first.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
+    params(AuditParams),
+    responses(
+        (status = 200, description = "Admin actions, newest first", body = crate::openapi::AuditList),
+        (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub async fn audit(
     State(state): State<AppState>,
     query: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,

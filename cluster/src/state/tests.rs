@@ -520,6 +520,37 @@ fn audited_commands_record_who_what_and_the_outcome() {
 }
 
 #[test]
+fn the_last_admin_token_cannot_be_revoked_paused_or_demoted() {
+    let mut d = populated();
+    let mut admin = token("a1");
+    admin.role = TokenRole::Admin;
+    d.run(Command::UpsertToken(admin.clone()));
+    d.run(Command::UpsertToken(token("u1")));
+    let conflict = |o: ApplyOutcome| matches!(o, ApplyOutcome::Rejected(Rejection::Conflict(_)));
+    assert!(conflict(d.run(Command::RevokeToken { id: "a1".into() })));
+    let mut paused = admin.clone();
+    paused.status = TokenStatus::Paused;
+    assert!(conflict(d.run(Command::UpsertToken(paused.clone()))));
+    let mut demoted = admin.clone();
+    demoted.role = TokenRole::User;
+    assert!(conflict(d.run(Command::UpsertToken(demoted))));
+    let mut expiring = admin.clone();
+    expiring.expires_at_ms = Some(1);
+    assert!(conflict(d.run(Command::UpsertToken(expiring))));
+    // Users come and go freely.
+    assert_eq!(
+        d.run(Command::RevokeToken { id: "u1".into() }),
+        ApplyOutcome::Applied
+    );
+    // With a second admin, the first may go.
+    let mut second = token("a2");
+    second.role = TokenRole::Admin;
+    d.run(Command::UpsertToken(second));
+    assert_eq!(d.run(Command::UpsertToken(paused)), ApplyOutcome::Applied);
+    assert!(conflict(d.run(Command::RevokeToken { id: "a2".into() })));
+}
+
+#[test]
 fn the_audit_log_is_bounded() {
     let mut d = Driver::new();
     for i in 0..(AUDIT_CAPACITY + 5) {
