@@ -231,8 +231,10 @@ pub async fn start(
             NodeRole::Voter
         },
     };
+    let gauges = std::sync::Arc::new(crate::RaftGauges::default());
     let args = RaftActorArgs {
         node,
+        gauges: std::sync::Arc::clone(&gauges),
         settings: RaftActorSettings {
             tick: config.tick,
             down_after: config.down_after,
@@ -246,7 +248,7 @@ pub async fn start(
     }
     .map_err(|e| spawn_err("the raft actor", e))?;
     let agent = ClusterAgent {
-        handle: ClusterHandle::new(raft.clone(), id),
+        handle: ClusterHandle::with_gauges(raft.clone(), id, gauges),
         raft,
         server,
     };

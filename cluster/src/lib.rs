@@ -42,6 +42,7 @@
 pub mod agent;
 pub mod codec;
 pub mod error;
+pub mod gauges;
 pub mod raft_actor;
 pub mod raft_node;
 pub mod state;
@@ -49,6 +50,7 @@ pub mod storage;
 
 pub use agent::{ClusterAgent, ClusterConfig};
 pub use error::ClusterError;
+pub use gauges::RaftGauges;
 pub use raft_actor::{ClusterHandle, ClusterView, MemberView, RaftActor, RaftMsg};
 pub use raft_node::{Committed, RaftNode, RaftSettings, RaftStatus};
 pub use state::{

@@ -19,6 +19,7 @@
 //! node: the process exits and, restarted, rebuilds its state from the sled log.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -31,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::raft_node::{Committed, ProposeReply, RaftNode, RaftStatus, ReadReply};
 use crate::state::{ApplyOutcome, Command, CommandEnvelope, NodeRecord, NodeStatus};
-use crate::{codec, ClusterError};
+use crate::{codec, ClusterError, RaftGauges};
 
 /// The process group of every RaftActor.
 pub const RAFT_GROUP: &str = "cohort.raft";
@@ -154,6 +155,8 @@ pub struct RaftActor;
 pub struct RaftActorArgs {
     pub node: RaftNode,
     pub settings: RaftActorSettings,
+    /// Where the actor publishes its figures after each ready loop.
+    pub gauges: Arc<RaftGauges>,
 }
 
 /// The RaftActor's state.
@@ -169,6 +172,7 @@ pub struct RaftActorState {
     last_seen: HashMap<u64, Instant>,
     conf_change_pending: bool,
     timer: Option<JoinHandle<()>>,
+    gauges: Arc<RaftGauges>,
 }
 
 impl RaftActorState {
@@ -215,6 +219,7 @@ impl RaftActorState {
 
     fn run_ready(&mut self) -> Result<(), ClusterError> {
         let messages = self.node.on_ready()?;
+        self.node.publish(&self.gauges);
         self.send_raft(messages);
         // Forwarded proposals: answer once applied here too.
         let applied = self.node.applied();
@@ -514,6 +519,7 @@ impl Actor for RaftActor {
         ractor::pg::join(RAFT_GROUP.to_string(), vec![myself.get_cell()]);
         ractor::pg::join(member_group(id), vec![myself.get_cell()]);
         let timer = myself.send_interval(args.settings.tick, || RaftMsg::Tick);
+        args.node.publish(&args.gauges);
         Ok(RaftActorState {
             node: args.node,
             settings: args.settings,
@@ -525,6 +531,7 @@ impl Actor for RaftActor {
             last_seen: HashMap::new(),
             conf_change_pending: false,
             timer: Some(timer),
+            gauges: args.gauges,
         })
     }
 
@@ -605,12 +612,29 @@ impl Actor for RaftActor {
 pub struct ClusterHandle {
     actor: ActorRef<RaftMsg>,
     node_id: u64,
+    gauges: Arc<RaftGauges>,
 }
 
 impl ClusterHandle {
-    /// A handle on a running RaftActor.
+    /// A handle on a running RaftActor (with gauges of its own, which stay at zero: use
+    /// [`ClusterHandle::with_gauges`] to read the actor's).
     pub fn new(actor: ActorRef<RaftMsg>, node_id: u64) -> Self {
-        ClusterHandle { actor, node_id }
+        Self::with_gauges(actor, node_id, Arc::default())
+    }
+
+    /// A handle on a running RaftActor that publishes its figures in `gauges`.
+    pub fn with_gauges(actor: ActorRef<RaftMsg>, node_id: u64, gauges: Arc<RaftGauges>) -> Self {
+        ClusterHandle {
+            actor,
+            node_id,
+            gauges,
+        }
+    }
+
+    /// The Raft figures for scrapes: term, indexes, leadership, leader changes. Lock-free
+    /// and current to within one ready loop of the RaftActor.
+    pub fn gauges(&self) -> &RaftGauges {
+        &self.gauges
     }
 
     /// This node's Raft id.

@@ -318,6 +318,18 @@ impl RaftNode {
     }
 
     /// The member's Raft status.
+    /// Stores the scrape figures in `gauges` (cheap: no allocation).
+    pub fn publish(&self, gauges: &crate::gauges::RaftGauges) {
+        let r = &self.raw.raft;
+        gauges.store(
+            r.term,
+            r.raft_log.committed,
+            self.applied,
+            r.leader_id,
+            self.is_leader(),
+        );
+    }
+
     pub fn status(&self) -> RaftStatus {
         let r = &self.raw.raft;
         let conf = r.prs().conf();
