@@ -17,6 +17,7 @@ mod inference;
 mod kserve;
 mod models;
 mod openai;
+pub mod reqlog;
 pub mod tensor_json;
 
 use std::net::SocketAddr;
@@ -44,6 +45,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct AppState {
     pub ctx: Arc<NodeContext>,
     pub supervisor: ActorRef<SupervisorMsg>,
+    /// The node's request log (`None` when `request_log.enabled` is off).
+    pub reqlog: Option<Arc<reqlog::RequestLog>>,
 }
 
 /// The id of the request being served.
@@ -53,11 +56,13 @@ pub struct RequestId(pub Arc<str>);
 /// Builds the axum application.
 pub fn app(state: AppState) -> axum::Router {
     let limit = state.ctx.config.limits.max_body_bytes;
+    let observed = state.clone();
     axum::Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/v1/health/detailed", get(health::detailed))
+        .route("/api/v1/requests", get(reqlog::list))
         .route("/api/v1/cluster", get(cluster::status))
         .route(
             "/api/v1/cluster/nodes/{id}",
@@ -108,6 +113,9 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        // Counts and records every request; layers added above it (auth, limits) are
+        // inside it, so their refusals are recorded too.
+        .layer(middleware::from_fn_with_state(observed, reqlog::observe))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -230,6 +238,8 @@ impl ractor::Message for GatewayMsg {}
 
 /// The GatewayActor's state.
 pub struct GatewayState {
+    ctx: Arc<NodeContext>,
+    reqlog: Option<Arc<reqlog::RequestLog>>,
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -259,10 +269,16 @@ impl Actor for GatewayActor {
             }
         };
         let addr = listener.local_addr()?;
+        // The node's request log: the same one across restarts of this actor.
+        let reqlog = reqlog::for_node(&args.ctx).await.map_err(|e| {
+            args.ctx.set_startup_error(e.to_string());
+            e.to_string()
+        })?;
         args.ctx.set_http_addr(addr);
         let app = app(AppState {
             ctx: Arc::clone(&args.ctx),
             supervisor: args.supervisor,
+            reqlog: reqlog.clone(),
         });
         let (stop, mut stopped) = watch::channel(false);
         let shutdown = async move {
@@ -280,6 +296,8 @@ impl Actor for GatewayActor {
         });
         tracing::info!(%addr, "gateway listening");
         Ok(GatewayState {
+            ctx: args.ctx,
+            reqlog,
             addr,
             stop,
             server: Some(server),
@@ -310,6 +328,9 @@ impl Actor for GatewayActor {
             if tokio::time::timeout(DRAIN_TIMEOUT, server).await.is_err() {
                 tracing::warn!("in-flight requests did not finish in time");
             }
+        }
+        if let Some(log) = state.reqlog.take() {
+            reqlog::after_server_stopped(&state.ctx, log).await;
         }
         tracing::info!(addr = %state.addr, "gateway stopped");
         Ok(())
