@@ -34,6 +34,7 @@ use cohort_config::{EngineKind, NodeConfig};
 use ractor::{Actor, ActorRef};
 
 pub use error::{ControlError, InferError, NodeError};
+pub use metrics::{Metrics, RejectReason};
 pub use queue::Priority;
 pub use replica::{InferOutput, Pending, ReplicaShared, ReplicaState, ReplicaStatus};
 pub use router::{RouterHandle, RoutingTable};

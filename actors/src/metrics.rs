@@ -4,9 +4,11 @@
 //! Counters and histograms are updated where the events happen; gauges that describe the
 //! present (queue depth, replicas by state) are read from the replicas when scraped.
 
+use std::sync::atomic::Ordering;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::replica::ReplicaState;
@@ -32,7 +34,58 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     replicas: IntGaugeVec,
     uptime: IntGauge,
-    rejected: IntCounterVec,
+    http_requests: IntCounterVec,
+    http_rejected: IntCounterVec,
+    /// `cohort_request_log_dropped_total`: records the request log could not keep (its
+    /// queue was full, or the write failed).
+    pub request_log_dropped: IntCounter,
+    /// `cohort_request_log_written_total`: records written to the request log.
+    pub request_log_written: IntCounter,
+    raft_term: IntGauge,
+    raft_commit_index: IntGauge,
+    raft_applied_index: IntGauge,
+    raft_is_leader: IntGauge,
+    raft_leader_changes: IntCounter,
+}
+
+/// Why the gateway refused a request before it reached a handler; the `reason` label of
+/// `cohort_http_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Over the token's requests-per-minute limit (429).
+    RateLimited,
+    /// Over the token's monthly quota (429).
+    Quota,
+    /// No token, or an unknown or revoked one (401).
+    Unauthenticated,
+    /// A valid token that may not do this (403).
+    Forbidden,
+    /// Over the node's concurrent request limit (503).
+    Concurrency,
+}
+
+impl RejectReason {
+    /// Every reason, in a fixed order.
+    pub fn all() -> &'static [RejectReason] {
+        &[
+            RejectReason::RateLimited,
+            RejectReason::Quota,
+            RejectReason::Unauthenticated,
+            RejectReason::Forbidden,
+            RejectReason::Concurrency,
+        ]
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::RateLimited => "rate_limited",
+            RejectReason::Quota => "quota",
+            RejectReason::Unauthenticated => "unauthenticated",
+            RejectReason::Forbidden => "forbidden",
+            RejectReason::Concurrency => "concurrency",
+        }
+    }
 }
 
 /// Handles for one model, taken once so that the engine thread does no label lookups.
@@ -131,20 +184,65 @@ impl Metrics {
             IntGauge::new("cohort_uptime_seconds", "Seconds since the node started.")
                 .expect("valid gauge"),
         );
-        let rejected = register(
+        let counter = |name: &str, help: &str| {
+            register(&r, IntCounter::new(name, help).expect("valid counter"))
+        };
+        let gauge =
+            |name: &str, help: &str| register(&r, IntGauge::new(name, help).expect("valid gauge"));
+        let http_requests = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cohort_http_requests_total",
+                    "HTTP requests answered, by model (a served model's name, else _other), \
+                     dialect (rest, kserve, openai, other) and status code.",
+                ),
+                &["model", "dialect", "status"],
+            )
+            .expect("valid counter"),
+        );
+        let http_rejected = register(
             &r,
             IntCounterVec::new(
                 Opts::new(
                     "cohort_http_rejected_total",
-                    "Requests refused before any work, by reason (unauthenticated, forbidden, rate_limited, quota, concurrency).",
+                    "Requests refused before reaching a handler, by reason.",
                 ),
                 &["reason"],
             )
             .expect("valid counter"),
         );
+        // Every reason shows from the first scrape, at 0.
+        for reason in RejectReason::all() {
+            http_rejected.with_label_values(&[reason.as_str()]);
+        }
+        let request_log_dropped = counter(
+            "cohort_request_log_dropped_total",
+            "Request records not kept: the request log's queue was full or a write failed.",
+        );
+        let request_log_written = counter(
+            "cohort_request_log_written_total",
+            "Request records written to the request log.",
+        );
+        let raft_term = gauge("cohort_raft_term", "This node's Raft term.");
+        let raft_commit_index = gauge(
+            "cohort_raft_commit_index",
+            "The highest Raft log index this node knows to be committed.",
+        );
+        let raft_applied_index = gauge(
+            "cohort_raft_applied_index",
+            "The highest Raft log index this node has applied to its cluster state.",
+        );
+        let raft_is_leader = gauge(
+            "cohort_raft_is_leader",
+            "1 while this node is the Raft leader, else 0.",
+        );
+        let raft_leader_changes = counter(
+            "cohort_raft_leader_changes_total",
+            "Times this node has seen the Raft leader change (the first election included).",
+        );
         Metrics {
             registry: r,
-            rejected,
             requests,
             request_duration,
             queue_seconds,
@@ -154,12 +252,57 @@ impl Metrics {
             queue_depth,
             replicas,
             uptime,
+            http_requests,
+            http_rejected,
+            request_log_dropped,
+            request_log_written,
+            raft_term,
+            raft_commit_index,
+            raft_applied_index,
+            raft_is_leader,
+            raft_leader_changes,
         }
     }
 
-    /// Counts a request refused before any work; `reason` is one of a fixed few.
-    pub fn count_rejected(&self, reason: &'static str) {
-        self.rejected.with_label_values(&[reason]).inc();
+    /// Counts one answered HTTP request. `model` must be a served model's name or
+    /// `_other` (the caller keeps the label set bounded).
+    pub fn http_request(&self, model: &str, dialect: &str, status: u16) {
+        self.http_requests
+            .with_label_values(&[model, dialect, status.to_string().as_str()])
+            .inc();
+    }
+
+    /// Counts one request refused before a handler (auth, rate limits, quotas, the
+    /// concurrency limit).
+    pub fn rejected(&self, reason: RejectReason) {
+        self.http_rejected
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// How many requests were refused for `reason` so far.
+    pub fn rejected_count(&self, reason: RejectReason) -> u64 {
+        self.http_rejected
+            .with_label_values(&[reason.as_str()])
+            .get()
+    }
+
+    /// Copies the Raft figures the RaftActor publishes into the gauges (called before
+    /// rendering).
+    pub fn observe_raft(&self, raft: &cohort_cluster::RaftGauges) {
+        self.raft_term.set(raft.term.load(Ordering::Relaxed) as i64);
+        self.raft_commit_index
+            .set(raft.commit_index.load(Ordering::Relaxed) as i64);
+        self.raft_applied_index
+            .set(raft.applied_index.load(Ordering::Relaxed) as i64);
+        self.raft_is_leader
+            .set(i64::from(raft.is_leader.load(Ordering::Relaxed)));
+        // The actor counts; the counter follows (it only ever moves forward).
+        let seen = raft.leader_changes.load(Ordering::Relaxed);
+        let shown = self.raft_leader_changes.get();
+        if seen > shown {
+            self.raft_leader_changes.inc_by(seen - shown);
+        }
     }
 
     /// The handles one model's replicas update.

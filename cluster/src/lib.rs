@@ -42,6 +42,7 @@
 pub mod agent;
 pub mod codec;
 pub mod error;
+pub mod gauges;
 pub mod raft_actor;
 pub mod raft_node;
 pub mod state;
@@ -50,6 +51,7 @@ pub mod tokens;
 
 pub use agent::{ClusterAgent, ClusterConfig};
 pub use error::ClusterError;
+pub use gauges::RaftGauges;
 pub use raft_actor::{
     AuditQuery, ClusterHandle, ClusterView, MemberView, Published, RaftActor, RaftMsg,
 };

@@ -36,6 +36,7 @@ use crate::state::{
     TokenRecord,
 };
 use crate::tokens::TokenKey;
+use crate::RaftGauges;
 use crate::{codec, ClusterError};
 
 /// The process group of every RaftActor.
@@ -128,10 +129,13 @@ impl AuditQuery {
 }
 
 /// What the RaftActor publishes for lock-free reads on the request path: the token table,
-/// replaced whole whenever a committed command changes it.
+/// replaced whole whenever a committed command changes it, and the Raft figures for
+/// scrapes, updated after each ready loop.
 #[derive(Debug, Default)]
 pub struct Published {
     tokens: RwLock<Arc<BTreeMap<String, TokenRecord>>>,
+    /// Term, indexes, leadership, leader changes.
+    pub gauges: RaftGauges,
 }
 
 impl Published {
@@ -140,7 +144,7 @@ impl Published {
         Arc::clone(&self.tokens.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn set_tokens(&self, tokens: BTreeMap<String, TokenRecord>) {
+    pub(crate) fn set_tokens(&self, tokens: BTreeMap<String, TokenRecord>) {
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
     }
 }
@@ -277,10 +281,8 @@ impl RaftActorState {
 
     fn run_ready(&mut self) -> Result<(), ClusterError> {
         let messages = self.node.on_ready()?;
+        self.node.publish(&self.published.gauges);
         self.send_raft(messages);
-        if self.node.take_tokens_changed() {
-            self.published.set_tokens(self.node.state().tokens.clone());
-        }
         // Forwarded proposals: answer once applied here too.
         let applied = self.node.applied();
         let waits = std::mem::take(&mut self.applied_waits);
@@ -579,8 +581,11 @@ impl Actor for RaftActor {
         ractor::pg::join(RAFT_GROUP.to_string(), vec![myself.get_cell()]);
         ractor::pg::join(member_group(id), vec![myself.get_cell()]);
         let timer = myself.send_interval(args.settings.tick, || RaftMsg::Tick);
+        args.node.publish(&args.published.gauges);
+        let mut node = args.node;
+        node.publish_into(Arc::clone(&args.published));
         Ok(RaftActorState {
-            node: args.node,
+            node,
             settings: args.settings,
             ready_scheduled: false,
             ticks: 0,
@@ -712,6 +717,12 @@ impl ClusterHandle {
     /// The key token secrets are hashed with.
     pub fn token_key(&self) -> &TokenKey {
         &self.token_key
+    }
+
+    /// The Raft figures for scrapes: term, indexes, leadership, leader changes. Lock-free
+    /// and current to within one ready loop of the RaftActor.
+    pub fn gauges(&self) -> &RaftGauges {
+        &self.published.gauges
     }
 
     /// Proposes `command` with an audit record of who asked; the outcome is the command's.

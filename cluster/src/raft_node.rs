@@ -16,6 +16,7 @@
 //! [`on_ready`]: RaftNode::on_ready
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
@@ -23,6 +24,7 @@ use raft::{Config, RawNode, StateRole, Storage};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::raft_actor::Published;
 use crate::state::{
     ApplyOutcome, ClusterState, Command, CommandEnvelope, CommandId, NodeRecord, NodeRole,
 };
@@ -103,8 +105,10 @@ pub struct RaftNode {
     /// node just added is sent a snapshot whose configuration includes it (raft-rs
     /// refuses one that does not).
     snapshot_now: bool,
-    /// The token table changed since [`RaftNode::take_tokens_changed`] last said so.
+    /// The token table changed since it was last published.
     tokens_changed: bool,
+    /// Where the token table is published (the RaftActor's [`Published`]).
+    published: Option<Arc<Published>>,
 }
 
 fn touches_tokens(command: &Command) -> bool {
@@ -122,11 +126,6 @@ fn logger() -> slog::Logger {
 }
 
 impl RaftNode {
-    /// Whether the token table changed since the last call (true on the first).
-    pub fn take_tokens_changed(&mut self) -> bool {
-        std::mem::take(&mut self.tokens_changed)
-    }
-
     /// Opens a member on `storage`. `bootstrap`: the voters of a brand-new cluster, given
     /// only by the node that creates it and only when its storage is empty; a node that
     /// joins an existing cluster passes `None` and waits to be added by the leader.
@@ -189,6 +188,7 @@ impl RaftNode {
             read_seq: 0,
             snapshot_now: false,
             tokens_changed: true,
+            published: None,
         })
     }
 
@@ -336,6 +336,18 @@ impl RaftNode {
     }
 
     /// The member's Raft status.
+    /// Stores the scrape figures in `gauges` (cheap: no allocation).
+    pub fn publish(&self, gauges: &crate::gauges::RaftGauges) {
+        let r = &self.raw.raft;
+        gauges.store(
+            r.term,
+            r.raft_log.committed,
+            self.applied,
+            r.leader_id,
+            self.is_leader(),
+        );
+    }
+
     pub fn status(&self) -> RaftStatus {
         let r = &self.raw.raft;
         let conf = r.prs().conf();
@@ -444,6 +456,7 @@ impl RaftNode {
         self.raw.mut_store().apply_snapshot(snap)?;
         self.state = state;
         self.tokens_changed = true;
+        self.publish_tokens();
         self.applied = index;
         self.snapshot_index = index;
         tracing::info!(index, "installed a snapshot from the leader");
@@ -451,45 +464,83 @@ impl RaftNode {
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), ClusterError> {
+        let mut answers = Vec::new();
+        let mut result = Ok(());
         for entry in entries {
             if entry.index <= self.applied {
                 continue;
             }
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
-                EntryType::EntryNormal => self.apply_command(&entry),
-                EntryType::EntryConfChange => self.apply_conf_change(&entry)?,
+                EntryType::EntryNormal => {
+                    if let Some(answer) = self.apply_command(&entry) {
+                        answers.push(answer);
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    if let Err(e) = self.apply_conf_change(&entry) {
+                        result = Err(e);
+                        break;
+                    }
+                }
                 EntryType::EntryConfChangeV2 => {
                     tracing::warn!(index = entry.index, "ignoring a ConfChangeV2 entry");
                 }
             }
             self.applied = entry.index;
         }
-        Ok(())
+        // Publish before answering: a proposer that hears "applied" and acts on it (a
+        // client using the token it just created) must find the change.
+        self.publish_tokens();
+        for (replies, committed) in answers {
+            for r in replies {
+                let _ = r.send(Ok(committed.clone()));
+            }
+        }
+        result
     }
 
-    fn apply_command(&mut self, entry: &Entry) {
+    /// Publishes the token table if it changed and a publisher is set.
+    fn publish_tokens(&mut self) {
+        if let Some(p) = &self.published {
+            if std::mem::take(&mut self.tokens_changed) {
+                p.set_tokens(self.state.tokens.clone());
+            }
+        }
+    }
+
+    /// From now on, the token table is published into `published` whenever it changes,
+    /// before the proposals that changed it are answered. Publishes it now.
+    pub fn publish_into(&mut self, published: Arc<Published>) {
+        self.published = Some(published);
+        self.tokens_changed = true;
+        self.publish_tokens();
+    }
+
+    /// Applies one command; the replies waiting for it, with their answer.
+    fn apply_command(&mut self, entry: &Entry) -> Option<(Vec<ProposeReply>, Committed)> {
         let env: CommandEnvelope = match codec::decode(&entry.data) {
             Ok(env) => env,
             Err(e) => {
                 // Every member skips the same undecodable entry: the state stays the same
                 // everywhere.
                 tracing::error!(index = entry.index, error = %e, "skipping an entry that does not decode");
-                return;
+                return None;
             }
         };
         let outcome = self.state.apply(&env);
         if touches_tokens(&env.command) {
             self.tokens_changed = true;
         }
-        if let Some(replies) = self.pending.remove(&env.id) {
-            for r in replies {
-                let _ = r.send(Ok(Committed {
+        self.pending.remove(&env.id).map(|replies| {
+            (
+                replies,
+                Committed {
                     index: entry.index,
-                    outcome: outcome.clone(),
-                }));
-            }
-        }
+                    outcome,
+                },
+            )
+        })
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), ClusterError> {

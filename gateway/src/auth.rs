@@ -30,7 +30,10 @@ use cohort_cluster::{
     next_month_start_ms, AuditMeta, ClusterHandle, Command, TokenRecord, TokenRole, TokenStatus,
 };
 
+use cohort_actors::RejectReason;
+
 use crate::error::ApiError;
+use crate::reqlog::CallerTag;
 use crate::{AppState, RequestId};
 
 /// What a route needs.
@@ -411,39 +414,63 @@ pub async fn authenticate(
     let dialect = Dialect::of(&template);
     match check(&state, &req, &template, access, ip) {
         Ok(caller) => {
-            req.extensions_mut().insert(caller.clone());
+            let tag = CallerTag(Arc::clone(&caller.who));
+            req.extensions_mut().insert(caller);
             let mut res = next.run(req).await;
-            // For the request log: who it was.
-            res.extensions_mut().insert(caller);
+            // For the request log: which token it was.
+            res.extensions_mut().insert(tag);
             res
         }
-        Err(e) => {
-            state.ctx.metrics.count_rejected(match &e {
-                ApiError::Unauthenticated(_) => "unauthenticated",
-                ApiError::Forbidden(_) => "forbidden",
-                ApiError::RateLimited { message, .. } if message.contains("quota") => "quota",
-                _ => "rate_limited",
+        Err((e, token)) => {
+            state.ctx.metrics.rejected(match &e {
+                ApiError::Unauthenticated(_) => RejectReason::Unauthenticated,
+                ApiError::Forbidden(_) => RejectReason::Forbidden,
+                ApiError::RateLimited { message, .. } if message.contains("quota") => {
+                    RejectReason::Quota
+                }
+                _ => RejectReason::RateLimited,
             });
-            dialect.error(e)
+            let mut res = dialect.error(e);
+            if let Some(id) = token {
+                res.extensions_mut()
+                    .insert(CallerTag(Arc::from(id.as_str())));
+            }
+            res
         }
     }
 }
 
+/// The caller, or why not (with the token's id once it is known).
 fn check(
     state: &AppState,
     req: &Request,
     template: &str,
     access: Access,
     ip: Option<IpAddr>,
-) -> Result<Caller, ApiError> {
+) -> Result<Caller, (ApiError, Option<String>)> {
     let cluster = state.ctx.cluster.get().ok_or_else(|| {
-        ApiError::NoReplica("the cluster is not running: tokens cannot be checked".into())
+        (
+            ApiError::NoReplica("the cluster is not running: tokens cannot be checked".into()),
+            None,
+        )
     })?;
-    let secret = bearer(req)?;
+    let secret = bearer(req).map_err(|e| (e, None))?;
     let tokens = cluster.tokens();
-    let token = find_token(&tokens, cluster.token_key(), secret)?;
+    let token = find_token(&tokens, cluster.token_key(), secret).map_err(|e| (e, None))?;
+    check_token(state, token, template, req.uri().path(), access, ip)
+        .map_err(|e| (e, Some(token.id.clone())))
+}
+
+fn check_token(
+    state: &AppState,
+    token: &TokenRecord,
+    template: &str,
+    path: &str,
+    access: Access,
+    ip: Option<IpAddr>,
+) -> Result<Caller, ApiError> {
     let now = now_ms();
-    let model = path_model(template, req.uri().path());
+    let model = path_model(template, path);
     authorize(token, access, model, ip, now)?;
     if access == Access::Infer {
         if let Some(rate) = token.rate_per_minute {

@@ -97,6 +97,9 @@ pub async fn detailed(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let table = state.ctx.router.snapshot();
     let uptime = state.ctx.started.elapsed();
+    if let Some(cluster) = state.ctx.cluster.get() {
+        state.ctx.metrics.observe_raft(cluster.gauges());
+    }
     let text = state
         .ctx
         .metrics

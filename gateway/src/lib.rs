@@ -19,6 +19,7 @@ mod kserve;
 mod models;
 mod openai;
 pub mod openapi;
+pub mod reqlog;
 pub mod tensor_json;
 mod tokens;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     pub supervisor: ActorRef<SupervisorMsg>,
     /// Rate-limit buckets and usage counts of API tokens.
     pub auth: Arc<auth::AuthState>,
+    /// The node's request log (`None` when `request_log.enabled` is off).
+    pub reqlog: Option<Arc<reqlog::RequestLog>>,
 }
 
 /// The id of the request being served.
@@ -58,6 +61,7 @@ pub struct RequestId(pub Arc<str>);
 /// Builds the axum application.
 pub fn app(state: AppState) -> axum::Router {
     let limit = state.ctx.config.limits.max_body_bytes;
+    let observed = state.clone();
     axum::Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -65,6 +69,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
         .route("/api/v1/health/detailed", get(health::detailed))
+        .route("/api/v1/requests", get(reqlog::list))
         .route("/api/v1/cluster", get(cluster::status))
         .route(
             "/api/v1/cluster/nodes/{id}",
@@ -130,6 +135,9 @@ pub fn app(state: AppState) -> axum::Router {
         ))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        // Counts and records every request; layers added above it (auth, limits) are
+        // inside it, so their refusals are recorded too.
+        .layer(middleware::from_fn_with_state(observed, reqlog::observe))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -252,6 +260,8 @@ impl ractor::Message for GatewayMsg {}
 
 /// The GatewayActor's state.
 pub struct GatewayState {
+    ctx: Arc<NodeContext>,
+    reqlog: Option<Arc<reqlog::RequestLog>>,
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -281,12 +291,18 @@ impl Actor for GatewayActor {
             }
         };
         let addr = listener.local_addr()?;
+        // The node's request log: the same one across restarts of this actor.
+        let reqlog = reqlog::for_node(&args.ctx).await.map_err(|e| {
+            args.ctx.set_startup_error(e.to_string());
+            e.to_string()
+        })?;
         args.ctx.set_http_addr(addr);
         let auth = Arc::new(auth::AuthState::new(args.ctx.config.auth_enabled()));
         let app = app(AppState {
             ctx: Arc::clone(&args.ctx),
             supervisor: args.supervisor,
             auth: Arc::clone(&auth),
+            reqlog: reqlog.clone(),
         });
         let (stop, mut stopped) = watch::channel(false);
         tokio::spawn(auth::usage_flusher(
@@ -310,6 +326,8 @@ impl Actor for GatewayActor {
         });
         tracing::info!(%addr, auth = if args.ctx.config.auth_enabled() { "on" } else { "off" }, "gateway listening");
         Ok(GatewayState {
+            ctx: args.ctx,
+            reqlog,
             addr,
             stop,
             server: Some(server),
@@ -340,6 +358,9 @@ impl Actor for GatewayActor {
             if tokio::time::timeout(DRAIN_TIMEOUT, server).await.is_err() {
                 tracing::warn!("in-flight requests did not finish in time");
             }
+        }
+        if let Some(log) = state.reqlog.take() {
+            reqlog::after_server_stopped(&state.ctx, log).await;
         }
         tracing::info!(addr = %state.addr, "gateway stopped");
         Ok(())

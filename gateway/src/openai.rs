@@ -261,8 +261,14 @@ pub async fn embeddings(
     let started = Instant::now();
     let mut model = String::new();
     let result = run_embeddings(&state, &rid, &caller, body, &mut model).await;
-    let response = result.unwrap_or_else(error_response);
+    let mut response = result.unwrap_or_else(error_response);
     inference::record(&state, &model, ENDPOINT, response.status(), started);
+    if !model.is_empty() {
+        // The model is in the body: tell the request log.
+        response
+            .extensions_mut()
+            .insert(crate::reqlog::ModelTag(model.into()));
+    }
     response
 }
 
