@@ -25,6 +25,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// `cohort_request_duration_seconds{model, endpoint}`: time from arrival to answer.
     pub request_duration: HistogramVec,
+    /// `cohort_http_rejected_total{reason}`: requests the HTTP server refused before
+    /// serving them (`concurrency`: the node's limit of requests at once was reached).
+    pub http_rejected: IntCounterVec,
     queue_seconds: HistogramVec,
     compute_seconds: HistogramVec,
     batch_size: HistogramVec,
@@ -77,6 +80,19 @@ impl Metrics {
             LATENCY_BUCKETS,
             &["model", "endpoint"],
         );
+        let http_rejected = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cohort_http_rejected_total",
+                    "Requests refused by the HTTP server before being served, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid counter"),
+        );
+        // Shown at 0 from the start, so that alerts can rate() it.
+        http_rejected.with_label_values(&["concurrency"]);
         let queue_seconds = hist(
             "cohort_queue_duration_seconds",
             "Time a request waited in a replica's queue.",
@@ -134,6 +150,7 @@ impl Metrics {
             registry: r,
             requests,
             request_duration,
+            http_rejected,
             queue_seconds,
             compute_seconds,
             batch_size,
