@@ -262,7 +262,7 @@ async fn deep_json_is_refused_in_every_api_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrency_limit_answers_503_but_not_to_probes() {
-    let n = start_with(vec![sleep_model("slow", 1500)], |cfg| {
+    let n = start_with(vec![sleep_model("slow", 3000)], |cfg| {
         cfg.http.max_concurrent_requests = 1
     })
     .await;
