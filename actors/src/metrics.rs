@@ -35,7 +35,8 @@ pub struct Metrics {
     replicas: IntGaugeVec,
     uptime: IntGauge,
     http_requests: IntCounterVec,
-    http_rejected: IntCounterVec,
+    /// `cohort_http_rejected_total{reason}`: requests refused before reaching a handler.
+    pub http_rejected: IntCounterVec,
     /// `cohort_request_log_dropped_total`: records the request log could not keep (its
     /// queue was full, or the write failed).
     pub request_log_dropped: IntCounter,

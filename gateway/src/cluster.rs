@@ -188,7 +188,7 @@ pub async fn register_model(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = json_body(&headers, body)?;
+    let body = json_body(&state, &headers, body)?;
     let b: RegisterBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("malformed registration: {e}")))?;
     if !cohort_config::valid_name(&b.name) {

@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The deadline passed.
     #[error("{0}")]
     Timeout(String),
+    /// The client did not send its request (its body) in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The engine failed.
     #[error("{0}")]
     InferenceFailed(String),
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded(_) | ApiError::NoReplica(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::InferenceFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -103,6 +107,7 @@ impl ApiError {
             ApiError::Overloaded(_) => "OVERLOADED",
             ApiError::NoReplica(_) => "NO_REPLICA",
             ApiError::Timeout(_) => "TIMEOUT",
+            ApiError::RequestTimeout(_) => "REQUEST_TIMEOUT",
             ApiError::InferenceFailed(_) => "INFERENCE_FAILED",
             ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
             ApiError::Forbidden(_) => "FORBIDDEN",
@@ -214,6 +219,7 @@ mod tests {
             (ApiError::Overloaded("x".into()), 503, "OVERLOADED"),
             (ApiError::NoReplica("x".into()), 503, "NO_REPLICA"),
             (ApiError::Timeout("x".into()), 504, "TIMEOUT"),
+            (ApiError::RequestTimeout("x".into()), 408, "REQUEST_TIMEOUT"),
             (
                 ApiError::InferenceFailed("x".into()),
                 500,

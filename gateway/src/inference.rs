@@ -282,7 +282,7 @@ pub async fn infer(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let body = json_body(&headers, body)?;
+        let body = json_body(&state, &headers, body)?;
         let parsed: InferBody = parse_body(&body)?;
         let queued = submit(&state, &model, parsed, &rid.0)?;
         let replica = Arc::clone(&queued.replica);
@@ -353,7 +353,7 @@ async fn run_batch(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<BatchResponse, ApiError> {
-    let body = json_body(headers, body)?;
+    let body = json_body(state, headers, body)?;
     let parsed: BatchBody = parse_body(&body)?;
     let max = state.ctx.config.limits.max_batch_items;
     if parsed.requests.len() > max {

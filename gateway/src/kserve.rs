@@ -56,7 +56,7 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::{inference, json_response, models, AppState, RequestId};
+use crate::{hardening, inference, json_response, models, AppState, RequestId};
 
 /// The header that gives the length of the JSON part of a binary request or response.
 pub static INFERENCE_HEADER_CONTENT_LENGTH: HeaderName =
@@ -92,18 +92,9 @@ fn respond(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(error_response)
 }
 
-/// The body, with the errors of reading it mapped (too large: 413).
+/// The body, with the errors of reading it mapped (too large: 413, too slow: 408).
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                message: "request body is too large".into(),
-                details: None,
-            }
-        } else {
-            bad(format!("cannot read the request body: {rejection}"))
-        }
-    })
+    body.map_err(hardening::body_error)
 }
 
 // ---------------------------------------------------------------------------
@@ -346,10 +337,14 @@ struct IndexBody {
 }
 
 /// A JSON body that may be empty (then `T::default()`).
-fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+fn optional_body<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    max_depth: usize,
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
+    hardening::json_depth(body, max_depth)?;
     serde_json::from_slice(body).map_err(|e| bad(format!("malformed JSON body: {e}")))
 }
 
@@ -378,7 +373,7 @@ pub async fn repository_index(
 ) -> Response {
     respond((|| {
         let body = read_body(body)?;
-        let parsed: IndexBody = optional_body(&body)?;
+        let parsed: IndexBody = optional_body(&body, state.ctx.config.http.max_json_depth)?;
         let table = state.ctx.router.snapshot();
         let models: Vec<Value> = table
             .models()
@@ -412,7 +407,7 @@ pub async fn load(
 ) -> Response {
     let result = async {
         let body = read_body(body)?;
-        let _: Option<Value> = optional_body(&body)?;
+        let _: Option<Value> = optional_body(&body, state.ctx.config.http.max_json_depth)?;
         models::control(&state, |reply| SupervisorMsg::Preload {
             model: model.clone(),
             reply,
@@ -464,7 +459,7 @@ pub async fn unload(
 ) -> Response {
     let result = async {
         let body = read_body(body)?;
-        let _: Option<Value> = optional_body(&body)?;
+        let _: Option<Value> = optional_body(&body, state.ctx.config.http.max_json_depth)?;
         models::control(&state, |reply| SupervisorMsg::SetReplicas {
             model: model.clone(),
             replicas: 0,
@@ -725,8 +720,12 @@ struct ParsedRequest {
 }
 
 /// Splits the body by `Inference-Header-Content-Length` (when present) and reads the
-/// request.
-fn parse_request(headers: &HeaderMap, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+/// request. JSON nested deeper than `max_depth` is refused before it is parsed.
+fn parse_request(
+    headers: &HeaderMap,
+    body: &[u8],
+    max_depth: usize,
+) -> Result<ParsedRequest, ApiError> {
     let header_len = match headers.get(&INFERENCE_HEADER_CONTENT_LENGTH) {
         None => None,
         Some(v) => {
@@ -752,6 +751,7 @@ fn parse_request(headers: &HeaderMap, body: &[u8]) -> Result<ParsedRequest, ApiE
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
     };
+    hardening::json_depth(json_part, max_depth)?;
     let req: InferRequest = serde_json::from_slice(json_part)
         .map_err(|e| bad(format!("malformed inference request JSON: {e}")))?;
     if req.inputs.is_empty() {
@@ -1028,7 +1028,7 @@ pub async fn infer(
             (route.config.version.clone(), metadata_of(route))
         };
         let body = read_body(body)?;
-        let mut req = parse_request(&headers, &body)?;
+        let mut req = parse_request(&headers, &body, state.ctx.config.http.max_json_depth)?;
         drop(body);
         let inputs = std::mem::take(&mut req.inputs);
         let queued =
@@ -1079,7 +1079,7 @@ mod tests {
     fn json_data_flat_or_nested() {
         let body = br#"{"id":"a","inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4]]},
             {"name":"s","shape":[2],"datatype":"BYTES","data":["p","q"]}]}"#;
-        let r = parse_request(&headers(None), body).expect("valid");
+        let r = parse_request(&headers(None), body, 64).expect("valid");
         assert_eq!(r.id.as_deref(), Some("a"));
         assert_eq!(
             r.inputs["x"].data,
@@ -1087,10 +1087,10 @@ mod tests {
         );
         assert_eq!(r.inputs["x"].shape, vec![2, 2]);
         let body = br#"{"inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","data":[1,2]}]}"#;
-        let e = parse_request(&headers(None), body).expect_err("count");
+        let e = parse_request(&headers(None), body, 64).expect_err("count");
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT16","data":[1]}]}"#;
-        assert!(parse_request(&headers(None), body).is_err());
+        assert!(parse_request(&headers(None), body, 64).is_err());
     }
 
     #[test]
@@ -1104,19 +1104,38 @@ mod tests {
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(b"!");
         let n = json.len().to_string();
-        let r = parse_request(&headers(Some(&n)), &body).expect("valid");
+        let r = parse_request(&headers(Some(&n)), &body, 64).expect("valid");
         assert_eq!(r.inputs["x"].data, TensorData::F32(vec![1.5, -2.0]));
         assert_eq!(
             r.inputs["s"].data,
             TensorData::String(vec!["hi".into(), "!".into()])
         );
         // Wrong sizes and headers.
-        assert!(parse_request(&headers(Some("abc")), &body).is_err());
-        assert!(parse_request(&headers(Some("999999")), &body).is_err());
+        assert!(parse_request(&headers(Some("abc")), &body, 64).is_err());
+        assert!(parse_request(&headers(Some("999999")), &body, 64).is_err());
         let mut extra = body.clone();
         extra.push(0);
-        assert!(parse_request(&headers(Some(&n)), &extra).is_err());
-        assert!(parse_request(&headers(None), json).is_err());
+        assert!(parse_request(&headers(Some(&n)), &extra, 64).is_err());
+        assert!(parse_request(&headers(None), json, 64).is_err());
+    }
+
+    #[test]
+    fn deep_json_is_refused_but_binary_data_is_not_scanned() {
+        let deep = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[[[[[1]]]]]}]}"#;
+        let e = parse_request(&headers(None), deep, 4).expect_err("too deep");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("max_json_depth"), "{e}");
+        // The binary tail is all brackets: only the JSON part counts.
+        let json = br#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":12}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&8u32.to_le_bytes());
+        body.extend_from_slice(b"[[[[{{{{");
+        let n = json.len().to_string();
+        let r = parse_request(&headers(Some(&n)), &body, 4).expect("shallow JSON");
+        assert_eq!(
+            r.inputs["s"].data,
+            TensorData::String(vec!["[[[[{{{{".into()])
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod auth;
 mod cluster;
 pub mod error;
+mod hardening;
 mod health;
 mod inference;
 mod kserve;
@@ -135,8 +136,16 @@ pub fn app(state: AppState) -> axum::Router {
         ))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
-        // Counts and records every request; layers added above it (auth, limits) are
-        // inside it, so their refusals are recorded too.
+        .layer(middleware::from_fn_with_state(
+            hardening::Guard::new(&state.ctx),
+            hardening::guard,
+        ))
+        .layer(middleware::from_fn_with_state(
+            hardening::Cors::new(&state.ctx.config.http),
+            hardening::cors,
+        ))
+        // Counts and records every request; layers added above it (auth, limits, CORS)
+        // are inside it, so their refusals are recorded too.
         .layer(middleware::from_fn_with_state(observed, reqlog::observe))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
@@ -208,9 +217,11 @@ pub(crate) fn json_response<T: Serialize>(value: &T) -> Response {
     }
 }
 
-/// The body of a JSON request: checks the content type and maps body errors (too large,
-/// unreadable) to the envelope's codes.
+/// The body of a JSON request: checks the content type, maps body errors (too large, too
+/// slow, unreadable) to the envelope's codes, and refuses JSON nested deeper than the
+/// node's `http.max_json_depth` before anything parses it.
 pub(crate) fn json_body(
+    state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Bytes, ApiError> {
@@ -228,16 +239,9 @@ pub(crate) fn json_body(
             details: Some(serde_json::json!({"header": "content-type"})),
         });
     }
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                message: "request body is too large".into(),
-                details: None,
-            }
-        } else {
-            ApiError::invalid(format!("cannot read the request body: {rejection}"))
-        }
-    })
+    let body = body.map_err(hardening::body_error)?;
+    hardening::json_depth(&body, state.ctx.config.http.max_json_depth)?;
+    Ok(body)
 }
 
 /// The GatewayActor: owns the axum server task.
@@ -304,21 +308,20 @@ impl Actor for GatewayActor {
             auth: Arc::clone(&auth),
             reqlog: reqlog.clone(),
         });
-        let (stop, mut stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
         tokio::spawn(auth::usage_flusher(
             auth,
             Arc::clone(&args.ctx),
             Duration::from_millis(args.ctx.config.auth.usage_flush_ms),
             stopped.clone(),
         ));
-        let shutdown = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
+        let http = args.ctx.config.http.clone();
         let server = tokio::spawn(async move {
-            // Handlers see the client's address (IP allow-lists, request logs).
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-            let reason = match serve.await {
+            // `serve` returns once asked to stop, after the requests in flight are
+            // answered; its own task turns a panic into a reason.
+            let serving =
+                tokio::spawn(async move { hardening::serve(listener, app, &http, stopped).await });
+            let reason = match serving.await {
                 Ok(()) => "server stopped".to_string(),
                 Err(e) => format!("server failed: {e}"),
             };

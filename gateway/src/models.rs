@@ -157,7 +157,7 @@ pub async fn scale(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = json_body(&headers, body)?;
+    let body = json_body(&state, &headers, body)?;
     let parsed: ScaleBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("body must be {{\"replicas\": n}}: {e}")))?;
     control(&state, |reply| SupervisorMsg::SetReplicas {

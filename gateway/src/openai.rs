@@ -27,7 +27,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use cohort_engines::{DType, ModelMetadata, Tensor, TensorData, TensorMap};
@@ -36,7 +35,7 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::{inference, json_response, AppState, RequestId};
+use crate::{hardening, inference, json_response, AppState, RequestId};
 
 /// The endpoint label of the metrics.
 const ENDPOINT: &str = "openai";
@@ -89,6 +88,7 @@ pub(crate) fn error_response(e: impl Into<OpenAiError>) -> Response {
         ApiError::Overloaded(_) => ("service_unavailable", json!("overloaded")),
         ApiError::NoReplica(_) => ("service_unavailable", json!("no_replica")),
         ApiError::Timeout(_) => ("timeout", json!("timeout")),
+        ApiError::RequestTimeout(_) => ("invalid_request_error", json!("request_timeout")),
         ApiError::InferenceFailed(_) => ("server_error", json!("inference_failed")),
         ApiError::Unauthenticated(_) => ("authentication_error", json!("invalid_api_key")),
         ApiError::Forbidden(_) => ("permission_error", json!("forbidden")),
@@ -279,16 +279,8 @@ async fn run_embeddings(
     body: Result<Bytes, BytesRejection>,
     model_out: &mut String,
 ) -> Result<Response, OpenAiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            OpenAiError::from(ApiError::PayloadTooLarge {
-                message: "request body is too large".into(),
-                details: None,
-            })
-        } else {
-            ApiError::invalid(format!("cannot read the request body: {rejection}")).into()
-        }
-    })?;
+    let body = body.map_err(hardening::body_error)?;
+    hardening::json_depth(&body, state.ctx.config.http.max_json_depth)?;
     let req: EmbeddingsBody = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::from(ApiError::invalid(format!("malformed JSON body: {e}"))))?;
     drop(body);
@@ -430,6 +422,7 @@ async fn run_embeddings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn base64_matches_the_standard() {

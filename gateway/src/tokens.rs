@@ -189,10 +189,11 @@ impl TokenBody {
 }
 
 fn parse_body(
+    state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<TokenBody, ApiError> {
-    let body = json_body(headers, body)?;
+    let body = json_body(state, headers, body)?;
     serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("malformed token: {e}")))
 }
 
@@ -224,7 +225,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = parse_body(&headers, body)?;
+    let body = parse_body(&state, &headers, body)?;
     let cluster = cluster(&state)?;
     let now = cohort_cluster::raft_actor::now_ms();
     let minted = cluster
@@ -328,7 +329,7 @@ pub async fn update(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = parse_body(&headers, body)?;
+    let body = parse_body(&state, &headers, body)?;
     let mut t = get_token(&state, &id)?;
     if t.status == TokenStatus::Revoked {
         return Err(ApiError::invalid(format!("token {id:?} is revoked")));
