@@ -212,6 +212,7 @@ impl Modify for BearerAuth {
         crate::tokens::update,
         crate::tokens::revoke,
         crate::tokens::audit,
+        crate::reqlog::list,
     ),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
@@ -219,7 +220,7 @@ impl Modify for BearerAuth {
         (name = "inference", description = "Run models"),
         (name = "models", description = "Models and their replicas on this node"),
         (name = "tokens", description = "API tokens (admin)"),
-        (name = "audit", description = "The audit log of admin actions (admin)"),
+        (name = "audit", description = "The audit log of admin actions and the sampled request log (admin)"),
         (name = "cluster", description = "Cluster members and Raft (admin)"),
         (name = "health", description = "Probes, details and metrics"),
     )
@@ -286,6 +287,7 @@ mod tests {
             "/api/v1/tokens",
             "/api/v1/tokens/{id}",
             "/api/v1/audit",
+            "/api/v1/requests",
             "/api/v1/cluster",
             "/healthz",
         ] {

@@ -788,13 +788,19 @@ pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: N
 }
 
 /// The query of `GET /api/v1/requests`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
+    /// Only this model.
     model: Option<String>,
+    /// A code (`404`), a class (`4xx`, `5xx`) or `error` (400 and above).
     status: Option<String>,
+    /// Only records at or after this time (ms since the Unix epoch).
     since: Option<String>,
+    /// The previous page's `next_before`.
     before: Option<String>,
+    /// At most this many (1 to 1000, default 100).
     limit: Option<String>,
 }
 
@@ -858,6 +864,15 @@ impl ListParams {
 
 /// `GET /api/v1/requests?model=&status=&since=&before=&limit=`: recorded requests,
 /// newest first.
+#[utoipa::path(get, path = "/api/v1/requests", tag = "audit",
+    params(ListParams),
+    responses(
+        (status = 200, description = "Sampled request records (every error), newest first", body = Object),
+        (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
+        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+    )
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,

@@ -259,6 +259,8 @@ async fn the_auth_matrix() {
         (Method::POST, "/v2/repository/models/echo/unload", None),
         (Method::GET, "/api/v1/cluster", None),
         (Method::GET, "/api/v1/health/detailed", None),
+        (Method::GET, "/api/v1/requests", None),
+        (Method::DELETE, "/api/v1/models/echo", None),
     ] {
         let (s, _, b) = a.call(m, path, Some(&user), body).await;
         assert_eq!(s, 403, "{path}: {b}");
