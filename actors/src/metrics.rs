@@ -20,6 +20,21 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
+/// A status code as text, without allocating.
+fn status_str(status: u16, buf: &mut [u8; 5]) -> &str {
+    let mut n = status;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
 /// All metrics of one node.
 pub struct Metrics {
     registry: Registry,
@@ -268,8 +283,9 @@ impl Metrics {
     /// Counts one answered HTTP request. `model` must be a served model's name or
     /// `_other` (the caller keeps the label set bounded).
     pub fn http_request(&self, model: &str, dialect: &str, status: u16) {
+        let mut buf = [0u8; 5];
         self.http_requests
-            .with_label_values(&[model, dialect, status.to_string().as_str()])
+            .with_label_values(&[model, dialect, status_str(status, &mut buf)])
             .inc();
     }
 

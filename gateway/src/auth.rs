@@ -124,8 +124,9 @@ pub struct Caller {
 
 impl Caller {
     fn local(ip: Option<IpAddr>) -> Caller {
+        static LOCAL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         Caller {
-            who: Arc::from("local"),
+            who: Arc::clone(LOCAL.get_or_init(|| Arc::from("local"))),
             admin: true,
             allowed_models: None,
             ip,
@@ -384,7 +385,7 @@ fn authorize(
 }
 
 /// The model a path names (its `{model}` segment), for the routes that have one.
-fn path_model<'a>(template: &str, path: &'a str) -> Option<&'a str> {
+pub(crate) fn path_model<'a>(template: &str, path: &'a str) -> Option<&'a str> {
     let idx = template.split('/').position(|s| s == "{model}")?;
     path.split('/').nth(idx)
 }
@@ -399,20 +400,17 @@ pub async fn authenticate(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let Some(template) = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-    else {
+    let Some(template) = req.extensions().get::<MatchedPath>().cloned() else {
         return next.run(req).await;
     };
-    let access = access(&template, req.method());
+    let template = template.as_str();
+    let access = access(template, req.method());
     if !state.auth.enabled() || access == Access::Public {
         req.extensions_mut().insert(Caller::local(ip));
         return next.run(req).await;
     }
-    let dialect = Dialect::of(&template);
-    match check(&state, &req, &template, access, ip) {
+    let dialect = Dialect::of(template);
+    match check(&state, &req, template, access, ip) {
         Ok(caller) => {
             let tag = CallerTag(Arc::clone(&caller.who));
             req.extensions_mut().insert(caller);

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, Query, RawPathParams, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use cohort_actors::NodeContext;
@@ -731,55 +731,52 @@ fn cut(s: &str, max_chars: usize) -> String {
 pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let ts_ms = now_ms();
-    let (mut parts, body) = req.into_parts();
-    let path_model = RawPathParams::from_request_parts(&mut parts, &())
-        .await
-        .ok()
-        .and_then(|params| {
-            params
-                .iter()
-                .find(|(name, _)| *name == "model")
-                .map(|(_, value)| value.to_string())
-        });
-    let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
-    let client_ip = parts
-        .extensions
+    // Cheap handles only (reference counts, copies): the strings of a record are made
+    // only for the requests that are recorded.
+    let uri = req.uri().clone();
+    let method = req.method().clone();
+    let template = req.extensions().get::<MatchedPath>().cloned();
+    let client = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
-    let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.to_string());
-    let res = next.run(Request::from_parts(parts, body)).await;
+        .map(|c| c.0.ip());
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| Arc::clone(&r.0));
+    let res = next.run(req).await;
     let latency_us = started.elapsed().as_micros() as u64;
     let status = res.status().as_u16();
-    let model = res
-        .extensions()
-        .get::<ModelTag>()
-        .map(|m| m.0.to_string())
-        .or(path_model);
-    let dialect = Dialect::of(&path);
+    let path = uri.path();
+    let tag = res.extensions().get::<ModelTag>();
+    let model: Option<&str> = match tag {
+        Some(t) => Some(&t.0),
+        None => template
+            .as_ref()
+            .and_then(|t| crate::auth::path_model(t.as_str(), path)),
+    };
+    let dialect = Dialect::of(path);
 
     // Only served models become label values: a client cannot grow the metrics by
     // inventing names.
-    let served = model
-        .as_deref()
-        .filter(|m| state.ctx.router.snapshot().get(m).is_some());
+    let served = model.filter(|m| state.ctx.router.snapshot().get(m).is_some());
     state
         .ctx
         .metrics
         .http_request(served.unwrap_or("_other"), dialect.as_str(), status);
 
     if let Some(log) = &state.reqlog {
-        if !unrecorded(&path) && log.should_record(status) {
+        if !unrecorded(path) && log.should_record(status) {
             log.submit(RequestRecord {
                 ts_ms,
-                request_id: request_id.unwrap_or_default(),
+                request_id: request_id.map(|r| r.to_string()).unwrap_or_default(),
                 method: method.to_string(),
-                path: cut(&path, MAX_PATH_CHARS),
-                model: model.map(|m| cut(&m, MAX_PATH_CHARS)),
+                path: cut(path, MAX_PATH_CHARS),
+                model: model.map(|m| cut(m, MAX_PATH_CHARS)),
                 dialect,
                 status,
                 latency_us,
-                client_ip,
+                client_ip: client.map(|ip| ip.to_string()),
                 token: res.extensions().get::<CallerTag>().map(|t| t.0.to_string()),
             });
         }

@@ -161,7 +161,19 @@ fn init_logging(format: LogFormat) {
     }));
 }
 
+/// candle's CPU kernels ask how many threads to use on every matrix product, and without
+/// `RAYON_NUM_THREADS` the answer is read from `/proc/cpuinfo` each time (15 % of the CPU
+/// of a node serving a small model at full load). Set it once, before any thread starts,
+/// to the cores this process may use; a value the user set is kept.
+fn pin_rayon_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    pin_rayon_threads();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = tokio::runtime::Builder::new_multi_thread()
