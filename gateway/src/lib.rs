@@ -63,7 +63,7 @@ pub struct RequestId(pub Arc<str>);
 pub fn app(state: AppState) -> axum::Router {
     let limit = state.ctx.config.limits.max_body_bytes;
     let observed = state.clone();
-    axum::Router::new()
+    let router = axum::Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -139,11 +139,17 @@ pub fn app(state: AppState) -> axum::Router {
         .layer(middleware::from_fn_with_state(
             hardening::Guard::new(&state.ctx),
             hardening::guard,
-        ))
-        .layer(middleware::from_fn_with_state(
+        ));
+    // CORS off (the default) costs nothing: no layer at all.
+    let router = if state.ctx.config.http.cors_allowed_origins.is_empty() {
+        router
+    } else {
+        router.layer(middleware::from_fn_with_state(
             hardening::Cors::new(&state.ctx.config.http),
             hardening::cors,
         ))
+    };
+    router
         // Counts and records every request; layers added above it (auth, limits, CORS)
         // are inside it, so their refusals are recorded too.
         .layer(middleware::from_fn_with_state(observed, reqlog::observe))
