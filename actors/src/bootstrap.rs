@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cohort_cluster::{AuditMeta, ClusterHandle, Command, TokenRecord, TokenRole, TokenStatus};
+use cohort_cluster::{AuditMeta, ClusterHandle, Command, TokenRecord, TokenRole};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -49,22 +49,13 @@ async fn make_admin_token(cluster: &ClusterHandle, path: &Path) -> Result<bool, 
     write_private(&tmp, &format!("{}\n", minted.secret))
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     let now = cohort_cluster::raft_actor::now_ms();
-    let record = TokenRecord {
-        id: minted.id.clone(),
-        name: "bootstrap-admin".into(),
-        key_hash: minted.hash,
-        role: TokenRole::Admin,
-        allowed_models: Vec::new(),
-        ip_allow: Vec::new(),
-        rate_per_minute: None,
-        monthly_quota: None,
-        used: 0,
-        used_month: 0,
-        expires_at_ms: None,
-        status: TokenStatus::Active,
-        created_at_ms: now,
-        created_by: "bootstrap".into(),
-    };
+    let record = TokenRecord::new(
+        &minted,
+        "bootstrap-admin",
+        TokenRole::Admin,
+        now,
+        "bootstrap",
+    );
     let meta = AuditMeta {
         who: "bootstrap".into(),
         action: "token.create".into(),

@@ -159,6 +159,33 @@ pub fn ip_allowed(allow: &[String], ip: IpAddr) -> bool {
 }
 
 impl TokenRecord {
+    /// A new active token for `minted`, with no limits: every model, any address, no rate
+    /// limit, no quota, no expiry.
+    pub fn new(
+        minted: &MintedSecret,
+        name: &str,
+        role: crate::state::TokenRole,
+        created_at_ms: u64,
+        created_by: &str,
+    ) -> TokenRecord {
+        TokenRecord {
+            id: minted.id.clone(),
+            name: name.to_string(),
+            key_hash: minted.hash.clone(),
+            role,
+            allowed_models: Vec::new(),
+            ip_allow: Vec::new(),
+            rate_per_minute: None,
+            monthly_quota: None,
+            used: 0,
+            used_month: 0,
+            expires_at_ms: None,
+            status: crate::state::TokenStatus::Active,
+            created_at_ms,
+            created_by: created_by.to_string(),
+        }
+    }
+
     /// Whether this token may use `model`.
     pub fn allows_model(&self, model: &str) -> bool {
         self.allowed_models.is_empty() || self.allowed_models.iter().any(|p| glob_match(p, model))

@@ -232,22 +232,7 @@ pub async fn create(
         .token_key()
         .mint()
         .map_err(|e| ApiError::InferenceFailed(format!("no randomness: {e}")))?;
-    let mut t = TokenRecord {
-        id: minted.id.clone(),
-        name: String::new(),
-        key_hash: minted.hash,
-        role: TokenRole::User,
-        allowed_models: Vec::new(),
-        ip_allow: Vec::new(),
-        rate_per_minute: None,
-        monthly_quota: None,
-        used: 0,
-        used_month: 0,
-        expires_at_ms: None,
-        status: TokenStatus::Active,
-        created_at_ms: now,
-        created_by: caller.who.to_string(),
-    };
+    let mut t = TokenRecord::new(&minted, "", TokenRole::User, now, &caller.who);
     body.apply(&mut t, now, true)?;
     let meta = caller.audit(
         &rid,
