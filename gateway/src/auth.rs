@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::{header, Method};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use cohort_cluster::tokens::{ip_allowed, parse_secret};
 use cohort_cluster::{
     next_month_start_ms, AuditMeta, ClusterHandle, Command, TokenRecord, TokenRole, TokenStatus,
@@ -32,6 +32,7 @@ use cohort_cluster::{
 
 use cohort_actors::RejectReason;
 
+use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::reqlog::CallerTag;
 use crate::{AppState, RequestId};
@@ -73,39 +74,6 @@ pub fn access(path: &str, method: &Method) -> Access {
         | "/v2/repository/index"
         | "/v1/models" => Access::Read,
         _ => Access::Admin,
-    }
-}
-
-/// Which error shape a route answers in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// Cohort's envelope.
-    Rest,
-    /// KServe v2.
-    KServe,
-    /// OpenAI.
-    OpenAi,
-}
-
-impl Dialect {
-    /// The dialect of a request path.
-    pub fn of(path: &str) -> Dialect {
-        if path == "/v2" || path.starts_with("/v2/") {
-            Dialect::KServe
-        } else if path.starts_with("/v1/") {
-            Dialect::OpenAi
-        } else {
-            Dialect::Rest
-        }
-    }
-
-    /// Renders `e` as this dialect does.
-    pub fn error(self, e: ApiError) -> Response {
-        match self {
-            Dialect::Rest => e.into_response(),
-            Dialect::KServe => crate::kserve::error_response(e),
-            Dialect::OpenAi => crate::openai::error_response(e),
-        }
     }
 }
 
@@ -305,10 +273,6 @@ pub async fn usage_flusher(
     }
 }
 
-fn now_ms() -> u64 {
-    cohort_cluster::raft_actor::now_ms()
-}
-
 /// Checks a bearer secret against the token table; the token when it is one of ours.
 fn find_token<'a>(
     tokens: &'a BTreeMap<String, TokenRecord>,
@@ -467,7 +431,7 @@ fn check_token(
     access: Access,
     ip: Option<IpAddr>,
 ) -> Result<Caller, ApiError> {
-    let now = now_ms();
+    let now = cohort_cluster::raft_actor::now_ms();
     let model = path_model(template, path);
     authorize(token, access, model, ip, now)?;
     if access == Access::Infer {

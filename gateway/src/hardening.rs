@@ -139,14 +139,6 @@ impl Guard {
     }
 }
 
-/// Health probes and metrics: always answered, never counted against the limit.
-fn is_exempt(path: &str) -> bool {
-    matches!(
-        path,
-        "/healthz" | "/readyz" | "/metrics" | "/v2/health/live" | "/v2/health/ready"
-    )
-}
-
 /// The middleware: puts a deadline on the request's body and holds one of the node's
 /// request permits until the response's body has been produced (503 when none is left).
 pub(crate) async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
@@ -159,7 +151,7 @@ pub(crate) async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: N
             timeout: guard.body_timeout,
         })
     });
-    let permit = if is_exempt(req.uri().path()) {
+    let permit = if crate::dialect::is_probe(req.uri().path()) {
         None
     } else {
         match Arc::clone(&guard.permits).try_acquire_owned() {
@@ -170,7 +162,7 @@ pub(crate) async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: N
                     "this node is serving its maximum of {} requests at once; retry later",
                     guard.max_concurrent
                 ));
-                return in_api_shape(req.uri().path(), err);
+                return crate::dialect::Dialect::of(req.uri().path()).error(err);
             }
         }
     };
@@ -188,18 +180,6 @@ pub(crate) async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: N
             })
         }),
         None => res,
-    }
-}
-
-/// An error in the shape of the API the path belongs to: KServe's under `/v2`, OpenAI's
-/// under `/v1`, the envelope elsewhere.
-fn in_api_shape(path: &str, err: ApiError) -> Response {
-    if path == "/v2" || path.starts_with("/v2/") {
-        crate::kserve::error_response(err)
-    } else if path.starts_with("/v1/") {
-        crate::openai::error_response(err)
-    } else {
-        err.into_response()
     }
 }
 

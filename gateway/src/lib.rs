@@ -12,6 +12,7 @@
 
 pub mod auth;
 mod cluster;
+pub mod dialect;
 pub mod error;
 mod hardening;
 mod health;

@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
@@ -44,8 +44,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use crate::dialect::is_probe;
+pub use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::{json_response, AppState, RequestId};
+use cohort_cluster::raft_actor::now_ms;
 
 /// The caller's token id, put in the RESPONSE extensions by the auth layer; the request
 /// log records it.
@@ -77,49 +80,6 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records per page: the default and the most.
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
-
-/// Which API a request spoke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dialect {
-    /// Cohort's own `/api/...`.
-    Rest,
-    /// KServe v2 / Open Inference Protocol, `/v2...`.
-    Kserve,
-    /// OpenAI, `/v1/...`.
-    Openai,
-    /// Anything else (health, metrics, the console, unknown paths).
-    Other,
-}
-
-impl Dialect {
-    /// The dialect of a request path.
-    pub fn of(path: &str) -> Dialect {
-        let under = |prefix: &str| {
-            path.strip_prefix(prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        };
-        if under("/api") {
-            Dialect::Rest
-        } else if under("/v2") {
-            Dialect::Kserve
-        } else if under("/v1") {
-            Dialect::Openai
-        } else {
-            Dialect::Other
-        }
-    }
-
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dialect::Rest => "rest",
-            Dialect::Kserve => "kserve",
-            Dialect::Openai => "openai",
-            Dialect::Other => "other",
-        }
-    }
-}
 
 /// One answered request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,13 +255,6 @@ fn decode(v: &[u8]) -> Option<RequestRecord> {
         }
         _ => None,
     }
-}
-
-/// Ms since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 enum Msg {
@@ -715,10 +668,6 @@ pub async fn after_server_stopped(ctx: &Arc<NodeContext>, log: Arc<RequestLog>) 
 // HTTP
 
 /// Paths that are not recorded: probes and scrapes.
-fn unrecorded(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics") || path.starts_with("/v2/health/")
-}
-
 fn cut(s: &str, max_chars: usize) -> String {
     match s.char_indices().nth(max_chars) {
         Some((i, _)) => s[..i].to_string(),
@@ -766,7 +715,7 @@ pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: N
         .http_request(served.unwrap_or("_other"), dialect.as_str(), status);
 
     if let Some(log) = &state.reqlog {
-        if !unrecorded(path) && log.should_record(status) {
+        if !is_probe(path) && log.should_record(status) {
             log.submit(RequestRecord {
                 ts_ms,
                 request_id: request_id.map(|r| r.to_string()).unwrap_or_default(),
@@ -1153,15 +1102,5 @@ mod tests {
             .await
             .expect("ok")
             .is_none());
-    }
-
-    #[test]
-    fn dialects_by_path() {
-        assert_eq!(Dialect::of("/api/v1/models/a/infer"), Dialect::Rest);
-        assert_eq!(Dialect::of("/v2"), Dialect::Kserve);
-        assert_eq!(Dialect::of("/v2/models/a/infer"), Dialect::Kserve);
-        assert_eq!(Dialect::of("/v1/embeddings"), Dialect::Openai);
-        assert_eq!(Dialect::of("/v1x"), Dialect::Other);
-        assert_eq!(Dialect::of("/metrics"), Dialect::Other);
     }
 }
