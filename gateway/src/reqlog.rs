@@ -48,7 +48,7 @@ use crate::dialect::is_probe;
 pub use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::{json_response, AppState, RequestId};
-use cohort_cluster::raft_actor::now_ms;
+pub use cohort_cluster::raft_actor::now_ms;
 
 /// The caller's token id, put in the RESPONSE extensions by the auth layer; the request
 /// log records it.
