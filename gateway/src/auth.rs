@@ -232,19 +232,35 @@ impl AuthState {
     /// Sends the usage counted so far through Raft; what cannot be sent is kept for the
     /// next time.
     pub async fn flush_usage(&self, cluster: &ClusterHandle, timeout: Duration) {
-        let counts: Vec<(String, u64)> =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
-                .into_iter()
-                .collect();
+        // The counts stay in `pending` until their proposal is applied (and the token table
+        // that includes them published): a quota check in between still sees them, so the
+        // flush never opens a window in which a spent quota admits a request.
+        let counts: Vec<(String, u64)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(id, n)| (id.clone(), *n))
+            .collect();
         for (id, amount) in counts {
             let cmd = Command::RecordTokenUsage {
                 id: id.clone(),
                 amount,
             };
-            if let Err(e) = cluster.propose(cmd, timeout).await {
-                tracing::warn!(token = %id, amount, error = %e, "cannot record token usage; will retry");
-                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                *pending.entry(id).or_insert(0) += amount;
+            match cluster.propose(cmd, timeout).await {
+                Ok(_) => {
+                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(n) = pending.get_mut(&id) {
+                        *n = n.saturating_sub(amount);
+                        if *n == 0 {
+                            pending.remove(&id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(token = %id, amount, error = %e, "cannot record token usage; will retry")
+                }
             }
         }
     }
