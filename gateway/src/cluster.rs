@@ -49,8 +49,7 @@ pub(crate) fn map_err(e: ClusterError) -> ApiError {
     responses(
         (status = 200, description = "Members, Raft state, registered models", body = Object),
         (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
     )
 )]
 pub async fn status(
@@ -109,8 +108,7 @@ pub async fn status(
     responses(
         (status = 200, description = "Removed", body = Object),
         (status = 400, description = "Not a number", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 404, description = "No such member", body = crate::openapi::ErrorEnvelope),
     )
 )]
@@ -175,8 +173,7 @@ const ENGINES: &[&str] = &["candle-mlp", "onnx", "candle-bert", "echo", "sleep",
     request_body = RegisterBody,
     responses(
         (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 200, description = "Already registered", body = Object),
         (status = 201, description = "Registered", body = Object),
     )

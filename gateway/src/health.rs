@@ -59,8 +59,7 @@ pub fn rss_bytes() -> Option<u64> {
 #[utoipa::path(get, path = "/api/v1/health/detailed", tag = "health",
     responses(
         (status = 200, description = "Replicas, queues, restarts, uptime, memory, actors", body = Object),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
     ))]
 pub async fn detailed(State(state): State<AppState>) -> Response {
     let table = state.ctx.router.snapshot();
@@ -92,7 +91,7 @@ pub async fn detailed(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses(
         (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::TokenRefusals,
     ))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let table = state.ctx.router.snapshot();

@@ -264,8 +264,7 @@ pub(crate) fn record(
     request_body = InferBody,
     responses(
         (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::TokenRefusals,
         (status = 200, description = "The model's outputs", body = crate::openapi::InferResponseDoc),
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
         (status = 429, description = "Over the token's rate limit or quota", body = crate::openapi::ErrorEnvelope),
@@ -321,8 +320,7 @@ pub async fn infer(
     request_body = BatchBody,
     responses(
         (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::TokenRefusals,
         (status = 200, description = "One result or error per item, in order", body = crate::openapi::BatchResponseDoc),
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
         (status = 413, description = "Too many items or too large", body = crate::openapi::ErrorEnvelope),

@@ -57,7 +57,7 @@ fn describe(route: &ModelRoute, with_replicas: bool) -> Value {
 #[utoipa::path(get, path = "/api/v1/models", tag = "models",
     responses(
         (status = 200, description = "The models this node serves (those the token may use)", body = crate::openapi::ModelList),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::TokenRefusals,
     )
 )]
 pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
@@ -76,8 +76,7 @@ pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Ca
     params(("model" = String, Path, description = "The model's name", example = "echo")),
     responses(
         (status = 200, description = "The model with its replicas", body = crate::openapi::ModelInfo),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::TokenRefusals,
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
     )
 )]
@@ -143,8 +142,7 @@ fn show_now(state: &AppState, model: &str) -> Result<Response, ApiError> {
     request_body = ScaleBody,
     responses(
         (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 200, description = "The model with its replicas", body = crate::openapi::ModelInfo),
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
     )
@@ -179,8 +177,7 @@ pub async fn scale(
     params(("model" = String, Path, description = "The model's name", example = "echo")),
     responses(
         (status = 200, description = "The model with its replicas", body = crate::openapi::ModelInfo),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
     )
 )]
@@ -211,8 +208,7 @@ pub async fn unload(
     responses(
         (status = 200, description = "Loaded (or failed: see the replicas)", body = crate::openapi::ModelInfo),
         (status = 202, description = "Still loading after a minute", body = crate::openapi::ModelInfo),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
     )
 )]
@@ -263,8 +259,7 @@ pub async fn preload(
     params(("model" = String, Path, description = "The model's name", example = "echo")),
     responses(
         (status = 200, description = "Deleted", body = Object),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 404, description = "No such model", body = crate::openapi::ErrorEnvelope),
     )
 )]

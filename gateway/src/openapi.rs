@@ -164,6 +164,29 @@ pub struct AuditList {
     next_before: Option<u64>,
 }
 
+/// The refusals of an admin route.
+#[derive(utoipa::IntoResponses)]
+pub enum AdminRefusals {
+    /// No token, or not a token of this cluster.
+    #[response(status = 401, description = "No valid token")]
+    Unauthenticated(ErrorEnvelope),
+    /// A user token, or one paused, expired or from an address it may not use.
+    #[response(status = 403, description = "Not an admin token, or not allowed now")]
+    Forbidden(ErrorEnvelope),
+}
+
+/// The refusals of a route any token may use.
+#[derive(utoipa::IntoResponses)]
+pub enum TokenRefusals {
+    /// No token, or not a token of this cluster.
+    #[response(status = 401, description = "No valid token")]
+    Unauthenticated(ErrorEnvelope),
+    /// The token may not use this model, or is paused, expired, or from an address it may
+    /// not use.
+    #[response(status = 403, description = "Token not allowed")]
+    Forbidden(ErrorEnvelope),
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {

@@ -815,8 +815,7 @@ impl ListParams {
     responses(
         (status = 200, description = "Sampled request records (every error), newest first", body = Object),
         (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
     )
 )]
 pub(crate) async fn list(

@@ -213,8 +213,7 @@ fn outcome(o: ApplyOutcome) -> Result<(), ApiError> {
     request_body = TokenBody,
     responses(
         (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 201, description = "The token, with its secret (shown this once)", body = crate::openapi::TokenCreated),
     )
 )]
@@ -254,8 +253,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
     responses(
         (status = 200, description = "Every token (never a secret or a hash)", body = crate::openapi::TokenList),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
     )
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -278,8 +276,7 @@ fn get_token(state: &AppState, id: &str) -> Result<TokenRecord, ApiError> {
     params(("id" = String, Path, description = "The token's id")),
     responses(
         (status = 200, description = "The token", body = crate::openapi::TokenView),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 404, description = "No such token", body = crate::openapi::ErrorEnvelope),
     )
 )]
@@ -300,8 +297,7 @@ pub async fn show(
     request_body = TokenBody,
     responses(
         (status = 400, description = "Malformed request", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Token not allowed", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 200, description = "The token as changed", body = crate::openapi::TokenView),
         (status = 404, description = "No such token", body = crate::openapi::ErrorEnvelope),
     )
@@ -352,8 +348,7 @@ pub async fn update(
     params(("id" = String, Path, description = "The token's id")),
     responses(
         (status = 200, description = "The revoked token", body = crate::openapi::TokenView),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
         (status = 404, description = "No such token", body = crate::openapi::ErrorEnvelope),
     )
 )]
@@ -420,8 +415,7 @@ pub struct AuditParams {
     responses(
         (status = 200, description = "Admin actions, newest first", body = crate::openapi::AuditList),
         (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
-        (status = 401, description = "No valid token", body = crate::openapi::ErrorEnvelope),
-        (status = 403, description = "Not an admin token", body = crate::openapi::ErrorEnvelope),
+        crate::openapi::AdminRefusals,
     )
 )]
 pub async fn audit(
