@@ -258,8 +258,9 @@ fn request_path(model: &str, path_override: Option<&str>) -> anyhow::Result<Stri
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn encode_path_segment(segment: &str) -> String {
+/// Percent-encodes everything but RFC 3986 unreserved characters (a path segment or a
+/// query value).
+pub(crate) fn encode_path_segment(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {

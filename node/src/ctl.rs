@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
+use crate::bench::encode_path_segment as encode;
+
 /// `cohort ctl` arguments.
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
@@ -310,19 +312,6 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 async fn token(api: &Api, cmd: TokenCmd, json_out: bool) -> anyhow::Result<()> {
