@@ -466,6 +466,10 @@ pub struct EngineOptions {
     /// `onnx`: intra-op threads per replica (default: the node's cores divided among the
     /// node's ONNX replicas, at least 1).
     pub intra_op_threads: Option<usize>,
+    /// `onnx`: let idle intra-op threads spin-wait for work (ONNX Runtime's
+    /// `session.intra_op.allow_spinning`). Default false: they sleep, and leave the cores to
+    /// the node's HTTP workers; spinning helps latency only where cores are to spare.
+    pub intra_op_spinning: Option<bool>,
     /// `candle-bert`: L2-normalize the embeddings (default true).
     pub normalize: Option<bool>,
     /// `candle-bert`: truncate inputs to this many tokens (default: the model's maximum).

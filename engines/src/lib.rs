@@ -27,6 +27,7 @@ pub mod bert;
 pub mod device;
 pub mod mlp;
 pub mod onnx;
+pub mod onnx_raw;
 pub mod tensor;
 pub mod testing;
 

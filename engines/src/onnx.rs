@@ -16,7 +16,10 @@
 //! # Sessions
 //!
 //! [`load`] opens one session per replica: the model's `options.intra_op_threads` (else the
-//! node's default) intra-op threads, one inter-op thread, every graph optimization. On
+//! node's default) intra-op threads, one inter-op thread, every graph optimization. Idle
+//! intra-op threads sleep rather than spin (`options.intra_op_spinning`, default off,
+//! unlike ONNX Runtime's own default): on a node they share the cores with the HTTP
+//! workers, and a spinning thread takes a core from the request that would feed it. On
 //! `cuda:N` (builds with the `cuda` feature) the session registers ONNX Runtime's CUDA
 //! execution provider on GPU `N` and fails to load if it cannot.
 //!
@@ -346,7 +349,13 @@ pub fn load(
         .intra_op_threads
         .unwrap_or(ctx.default_threads)
         .max(1);
-    let builder = session_builder(&env, threads, cuda_device).map_err(err)?;
+    let spinning = model.options.intra_op_spinning.unwrap_or(false);
+    let builder = session_builder(&env, threads, cuda_device)
+        .and_then(|b| {
+            b.with_intra_op_spinning(spinning)
+                .map_err(|e| format!("cannot configure an ONNX Runtime session: {e}"))
+        })
+        .map_err(err)?;
     let session = commit(builder, path).map_err(err)?;
     let meta = metadata(&session).map_err(err)?;
     Ok(OnnxEngine {
@@ -375,7 +384,7 @@ fn cuda_device_id(n: usize) -> Result<i32, EngineError> {
 
 /// A session builder with Cohort's settings: `threads` intra-op threads, one inter-op
 /// thread, every graph optimization, and the CUDA execution provider on `cuda_device`.
-fn session_builder(
+pub(crate) fn session_builder(
     env: &Environment,
     threads: usize,
     cuda_device: Option<i32>,
@@ -417,7 +426,7 @@ fn with_cuda(_builder: SessionBuilder, id: i32) -> Result<SessionBuilder, String
     ))
 }
 
-fn commit(mut builder: SessionBuilder, path: &Path) -> Result<Session, String> {
+pub(crate) fn commit(mut builder: SessionBuilder, path: &Path) -> Result<Session, String> {
     builder
         .commit_from_file(path)
         .map_err(|e| format!("ONNX Runtime cannot load this model: {e}"))
@@ -458,7 +467,7 @@ fn spec_of(kind: &str, name: &str, ty: &ValueType) -> Result<TensorSpec, String>
     }
 }
 
-fn metadata(session: &Session) -> Result<ModelMetadata, String> {
+pub(crate) fn metadata(session: &Session) -> Result<ModelMetadata, String> {
     let inputs = session
         .inputs()
         .iter()
@@ -476,7 +485,7 @@ fn metadata(session: &Session) -> Result<ModelMetadata, String> {
 }
 
 /// An ONNX Runtime value for `t`: a view of its buffer for every type but f16 and string.
-fn input_value(t: &Tensor) -> Result<SessionInputValue<'_>, ort::Error> {
+pub(crate) fn input_value(t: &Tensor) -> Result<SessionInputValue<'_>, ort::Error> {
     let shape = t.shape.as_slice();
     macro_rules! view {
         ($v:expr) => {

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use cohort_config::{EngineKind, ModelConfig};
 use cohort_engines::{
-    concat_maps, load_engine, onnx, DType, Engine, EngineError, LoadContext, Tensor, TensorData,
-    TensorMap, TensorSpec,
+    concat_maps, load_engine, onnx, onnx_raw, DType, Engine, EngineError, LoadContext, Tensor,
+    TensorData, TensorMap, TensorSpec,
 };
 use serde_json::Value;
 
@@ -281,6 +281,23 @@ fn batches_equal_their_rows() {
             assert_close(&format!("{model} row {r}"), &got, want, tol);
         }
     }
+}
+
+#[test]
+fn raw_sessions_run_the_same_model_as_the_engine() {
+    let path = models().dir.join("tiny_mlp.onnx");
+    let mut raw = onnx_raw::RawOnnx::open(&path, None, 1, 2, 8).unwrap();
+    let engine = load("tiny_mlp");
+    assert_eq!(raw.metadata(), engine.metadata());
+    assert_eq!((raw.sessions(), raw.batch()), (2, 8));
+    let calls = raw.run_for(Duration::from_millis(50)).unwrap();
+    assert!(calls >= 2, "both sessions ran at least once: {calls}");
+
+    // The batch the raw sessions run gives the engine's output shape.
+    let inputs = onnx_raw::batch_inputs(engine.metadata(), 8).unwrap();
+    let mut engine = engine;
+    let out = engine.infer(&inputs).unwrap();
+    assert_eq!(out["y"].shape, vec![8, 10]);
 }
 
 #[test]

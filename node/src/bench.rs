@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use bytes::Bytes;
+use cohort_engines::onnx_raw::RawOnnx;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -25,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
 /// Closed-loop HTTP load test against one model of a running Cohort node.
 #[derive(clap::Args, Debug, Clone)]
@@ -86,6 +87,39 @@ pub struct BenchArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+
+    /// Also measure bare ONNX Runtime on this `.onnx` file (the model the node serves), on
+    /// this machine and in this run: the run is cut into rounds (see --round) that
+    /// alternate between the HTTP load and bare sessions (with no HTTP load, so the node
+    /// is idle), and the report gives both throughputs in samples/s and their ratio.
+    #[arg(long, value_name = "FILE")]
+    pub raw_onnx: Option<PathBuf>,
+
+    /// Rows in each bare ONNX Runtime call (--raw-onnx).
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub raw_batch: u32,
+
+    /// Intra-op threads of each bare session (--raw-onnx); default: the cores this
+    /// process may use.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub raw_threads: Option<u32>,
+
+    /// Bare sessions run side by side, each on a thread of its own (--raw-onnx).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub raw_sessions: u32,
+
+    /// The ONNX Runtime library for --raw-onnx; default: COHORT_ORT_LIB, else the
+    /// `onnxruntime` Python package, as a node finds it.
+    #[arg(long, value_name = "FILE")]
+    pub onnx_library: Option<PathBuf>,
+
+    /// Length of one round of each side with --raw-onnx; each round starts with a fifth of
+    /// it (at most 200 ms) unrecorded, to settle.
+    #[arg(long, value_name = "DURATION", default_value = "1s",
+          value_parser = humantime::parse_duration)]
+    pub round: Duration,
 }
 
 /// The wire protocol `cohort bench` speaks.
@@ -168,13 +202,223 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             humantime::format_duration(args.duration),
         );
     }
-    let report = load(&target, body, concurrency, args.warmup, args.duration).await?;
+    let rows = rows_per_request(&body, inference_header);
+    let (report, raw) = match &args.raw_onnx {
+        None => (
+            load(&target, body, concurrency, args.warmup, args.duration).await?,
+            None,
+        ),
+        Some(model) => {
+            let rows = rows.context(
+                "--raw-onnx compares samples/s, but the number of rows in the request body \
+                 cannot be read (the first dimension of its first input)",
+            )?;
+            let (report, raw) = compare_raw(&args, model, &target, body, concurrency).await?;
+            (report, Some((raw, rows)))
+        }
+    };
     if args.json {
-        println!("{}", serde_json::to_string(&report.to_json())?);
+        let mut json = report.to_json();
+        if let (Some((raw, rows)), Some(obj)) = (&raw, json.as_object_mut()) {
+            let samples = report.requests_per_second() * *rows as f64;
+            obj.insert("rows_per_request".into(), Value::from(*rows));
+            obj.insert("samples_per_second".into(), Value::from(samples));
+            obj.insert("raw_onnx".into(), raw.to_json());
+            obj.insert(
+                "vs_raw".into(),
+                Value::from(ratio(samples, raw.samples_per_second())),
+            );
+        }
+        println!("{}", serde_json::to_string(&json)?);
     } else {
         print!("{}", report.to_text());
+        if let Some((raw, rows)) = &raw {
+            let samples = report.requests_per_second() * *rows as f64;
+            println!(
+                "samples/s:   {samples:.1}  ({rows} per request)\n\
+                 raw ONNX Runtime: {:.1} samples/s  (batch {}, {} session(s) x {} thread(s), \
+                 rounds of {} alternating with the load above)\n\
+                 vs raw:      {:.3}",
+                raw.samples_per_second(),
+                raw.batch,
+                raw.sessions,
+                raw.threads,
+                humantime::format_duration(raw.round),
+                ratio(samples, raw.samples_per_second()),
+            );
+        }
     }
     Ok(())
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        (a / b * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+/// The first dimension of the request's first input: the rows (samples) one request
+/// carries. Reads Cohort's `{"inputs": {name: nested arrays}}`, KServe v2 JSON, and the
+/// JSON header of a KServe binary request (`header_len` bytes).
+fn rows_per_request(body: &[u8], header_len: Option<usize>) -> Option<usize> {
+    let json = match header_len {
+        Some(n) => body.get(..n)?,
+        None => body,
+    };
+    let value: Value = serde_json::from_slice(json).ok()?;
+    match value.get("inputs")? {
+        // KServe v2: [{"name", "shape", ...}]
+        Value::Array(inputs) => {
+            let shape = inputs.first()?.get("shape")?.as_array()?;
+            match shape.first() {
+                Some(d) => usize::try_from(d.as_u64()?).ok(),
+                None => Some(1),
+            }
+        }
+        // Cohort: {name: nested arrays}, in name order.
+        Value::Object(inputs) => match inputs.values().next()? {
+            Value::Array(rows) => Some(rows.len()),
+            _ => Some(1),
+        },
+        _ => None,
+    }
+}
+
+/// Bare ONNX Runtime throughput, measured in rounds between the HTTP load's.
+struct RawReport {
+    calls: u64,
+    batch: usize,
+    sessions: usize,
+    threads: usize,
+    round: Duration,
+    measured: Duration,
+}
+
+impl RawReport {
+    fn samples_per_second(&self) -> f64 {
+        let secs = self.measured.as_secs_f64();
+        if secs > 0.0 {
+            self.calls as f64 * self.batch as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        serde_json::json!({
+            "samples_per_second": self.samples_per_second(),
+            "calls": self.calls,
+            "batch": self.batch,
+            "sessions": self.sessions,
+            "threads": self.threads,
+            "round_s": self.round.as_secs_f64(),
+            "duration_s": self.measured.as_secs_f64(),
+        })
+    }
+}
+
+/// How long a paused load may take to finish its requests in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// `--raw-onnx`: the HTTP load and bare ONNX Runtime sessions take turns in rounds of
+/// `args.round` until each has been measured for `args.duration`, the side that goes first
+/// alternating. While one side runs the other is idle: the HTTP workers pause and wait for
+/// their requests in flight before a raw round starts. Each round's first fifth (at most
+/// 200 ms) is not recorded.
+async fn compare_raw(
+    args: &BenchArgs,
+    model: &std::path::Path,
+    target: &Target,
+    body: Bytes,
+    concurrency: usize,
+) -> anyhow::Result<(Report, RawReport)> {
+    ensure!(!args.duration.is_zero(), "duration must be more than 0");
+    ensure!(!args.round.is_zero(), "--round must be more than 0");
+    let threads = match args.raw_threads {
+        Some(n) => usize::try_from(n)?,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let (batch, sessions) = (
+        usize::try_from(args.raw_batch)?,
+        usize::try_from(args.raw_sessions)?,
+    );
+    let (path, library) = (model.to_path_buf(), args.onnx_library.clone());
+    let mut raw = tokio::task::spawn_blocking(move || {
+        RawOnnx::open(&path, library.as_deref(), threads, sessions, batch)
+    })
+    .await
+    .context("opening the raw ONNX Runtime sessions failed")?
+    .with_context(|| format!("--raw-onnx {}", model.display()))?;
+
+    let rounds = (args.duration.as_secs_f64() / args.round.as_secs_f64())
+        .ceil()
+        .max(1.0);
+    let slice = args.duration.div_f64(rounds);
+    let settle = (slice / 5).min(Duration::from_millis(200));
+    // The caller checked the duration; rounds is a small whole number.
+    let rounds = rounds as u32;
+    if !args.json {
+        eprintln!(
+            "cohort bench: {rounds} rounds of {} per side, against bare ONNX Runtime on {} \
+             (batch {batch}, {sessions} session(s) x {threads} thread(s))",
+            humantime::format_duration(slice),
+            model.display(),
+        );
+    }
+
+    let load = Load::start(target, body, concurrency)?;
+    tokio::time::sleep(args.warmup).await;
+    load.pause(DRAIN_LIMIT).await?;
+    let (back, warmed) = run_raw(raw, args.warmup.min(Duration::from_secs(1))).await?;
+    raw = back;
+    warmed?;
+
+    let mut calls = 0u64;
+    for round in 0..rounds {
+        for side in 0..2 {
+            if (side + round) % 2 == 0 {
+                load.set(Phase::Warmup);
+                tokio::time::sleep(settle).await;
+                load.set(Phase::Measure);
+                tokio::time::sleep(slice).await;
+                load.pause(DRAIN_LIMIT).await?;
+            } else {
+                let (back, settled) = run_raw(raw, settle).await?;
+                settled?;
+                let (back, measured) = run_raw(back, slice).await?;
+                calls += measured?;
+                raw = back;
+            }
+        }
+    }
+    let measured = slice * rounds;
+    let report = load.finish(measured).await?;
+    Ok((
+        report,
+        RawReport {
+            calls,
+            batch,
+            sessions,
+            threads,
+            round: slice,
+            measured,
+        },
+    ))
+}
+
+/// Runs the bare sessions for `time` on a blocking thread; gives them back with the calls.
+async fn run_raw(
+    mut raw: RawOnnx,
+    time: Duration,
+) -> anyhow::Result<(RawOnnx, anyhow::Result<u64>)> {
+    tokio::task::spawn_blocking(move || {
+        let calls = raw.run_for(time).map_err(anyhow::Error::from);
+        (raw, calls)
+    })
+    .await
+    .context("the raw ONNX Runtime thread failed")
 }
 
 // ---------------------------------------------------------------------------
@@ -763,6 +1007,120 @@ struct WorkerResult {
     gave_up: Option<String>,
 }
 
+/// What the workers are told to do, by [`Load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Send requests; their responses are not recorded.
+    Warmup,
+    /// Send requests and record their responses.
+    Measure,
+    /// Send nothing new; a request in flight finishes but is not recorded.
+    Pause,
+    /// Stop now; a request in flight is dropped and not counted.
+    Stop,
+}
+
+/// What the coordinator and the workers of one run share.
+struct Shared {
+    target: Target,
+    body: Bytes,
+    phase: tokio::sync::watch::Sender<Phase>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// `concurrency` closed-loop workers POSTing one body to one target; the caller steers
+/// them through [`Phase`]s and collects their report with [`Load::finish`].
+struct Load {
+    shared: Arc<Shared>,
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<WorkerResult>>>,
+    concurrency: usize,
+}
+
+impl Load {
+    /// Starts the workers in [`Phase::Warmup`].
+    fn start(target: &Target, body: Bytes, concurrency: usize) -> anyhow::Result<Self> {
+        ensure!(concurrency > 0, "concurrency must be at least 1");
+        // Fail now rather than in every worker.
+        target.post(body.clone())?;
+        let (phase, _) = tokio::sync::watch::channel(Phase::Warmup);
+        let shared = Arc::new(Shared {
+            target: target.clone(),
+            body,
+            phase,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        });
+        let workers = (0..concurrency)
+            .map(|_| tokio::spawn(worker(Arc::clone(&shared), concurrency)))
+            .collect();
+        Ok(Self {
+            shared,
+            workers,
+            concurrency,
+        })
+    }
+
+    fn set(&self, phase: Phase) {
+        self.shared.phase.send_replace(phase);
+    }
+
+    /// Pauses the workers and waits, at most `limit`, until no request is in flight.
+    async fn pause(&self, limit: Duration) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.set(Phase::Pause);
+        let deadline = Instant::now() + limit;
+        loop {
+            let idle = self.shared.idle.notified();
+            if self.shared.in_flight.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            if timeout_at(deadline, idle).await.is_err() {
+                bail!(
+                    "{} requests still in flight {limit:?} after the load paused",
+                    self.shared.in_flight.load(Ordering::SeqCst)
+                );
+            }
+        }
+    }
+
+    /// Stops the workers and merges what they recorded; `measured` is the time spent in
+    /// [`Phase::Measure`].
+    async fn finish(self, measured: Duration) -> anyhow::Result<Report> {
+        self.set(Phase::Stop);
+        let mut report = Report::empty(self.concurrency, measured)?;
+        let mut gave_up = Vec::new();
+        for handle in self.workers {
+            let result = handle.await.context("bench worker failed")??;
+            report
+                .latency
+                .add(&result.report.latency)
+                .map_err(|e| anyhow!("cannot merge latency histograms: {e:?}"))?;
+            report.ok += result.report.ok;
+            for (kind, n) in result.report.errors {
+                *report.errors.entry(kind).or_default() += n;
+            }
+            gave_up.extend(result.gave_up);
+        }
+        if let Some(reason) = gave_up.first() {
+            if gave_up.len() == self.concurrency && report.ok == 0 {
+                bail!(
+                    "all {} workers gave up after {MAX_CONSECUTIVE_FAILURES} \
+                     connection failures in a row against {}: {reason}",
+                    self.concurrency,
+                    self.shared.target.url()
+                );
+            }
+            tracing::warn!(
+                workers = gave_up.len(),
+                %reason,
+                "bench workers stopped early after {MAX_CONSECUTIVE_FAILURES} connection failures in a row"
+            );
+        }
+        Ok(report)
+    }
+}
+
 /// Runs `concurrency` closed-loop workers POSTing `body` to `target` for
 /// `warmup + duration`; only responses completed after the warmup count.
 async fn load(
@@ -772,77 +1130,65 @@ async fn load(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<Report> {
-    ensure!(concurrency > 0, "concurrency must be at least 1");
     ensure!(!duration.is_zero(), "duration must be more than 0");
-    // Fail now rather than in every worker.
-    target.post(body.clone())?;
-
-    let target = Arc::new(target.clone());
-    let measure_start = Instant::now() + warmup;
-    let deadline = measure_start + duration;
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            tokio::spawn(worker(
-                Arc::clone(&target),
-                body.clone(),
-                concurrency,
-                measure_start,
-                deadline,
-            ))
-        })
-        .collect();
-
-    let mut report = Report::empty(concurrency, duration)?;
-    let mut gave_up = Vec::new();
-    for handle in workers {
-        let result = handle.await.context("bench worker failed")??;
-        report
-            .latency
-            .add(&result.report.latency)
-            .map_err(|e| anyhow!("cannot merge latency histograms: {e:?}"))?;
-        report.ok += result.report.ok;
-        for (kind, n) in result.report.errors {
-            *report.errors.entry(kind).or_default() += n;
-        }
-        gave_up.extend(result.gave_up);
-    }
-    if let Some(reason) = gave_up.first() {
-        if gave_up.len() == concurrency && report.ok == 0 {
-            bail!(
-                "all {concurrency} workers gave up after {MAX_CONSECUTIVE_FAILURES} \
-                 connection failures in a row against {}: {reason}",
-                target.url()
-            );
-        }
-        tracing::warn!(
-            workers = gave_up.len(),
-            %reason,
-            "bench workers stopped early after {MAX_CONSECUTIVE_FAILURES} connection failures in a row"
-        );
-    }
-    Ok(report)
+    let load = Load::start(target, body, concurrency)?;
+    tokio::time::sleep(warmup).await;
+    load.set(Phase::Measure);
+    tokio::time::sleep(duration).await;
+    load.finish(duration).await
 }
 
-async fn worker(
-    target: Arc<Target>,
-    body: Bytes,
-    concurrency: usize,
-    measure_start: Instant,
-    deadline: Instant,
-) -> anyhow::Result<WorkerResult> {
-    let mut report = Report::empty(concurrency, deadline - measure_start)?;
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let before = self
+            .0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if before == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+async fn worker(shared: Arc<Shared>, concurrency: usize) -> anyhow::Result<WorkerResult> {
+    let mut report = Report::empty(concurrency, Duration::ZERO)?;
     let mut failures: u32 = 0;
     let mut conn: Option<Connection> = None;
     let mut gave_up = None;
+    let mut phase = shared.phase.subscribe();
+    let stopped = |p: &Phase| *p == Phase::Stop;
 
-    while Instant::now() < deadline {
+    loop {
+        // Wait while paused.
+        match phase
+            .wait_for(|p| matches!(p, Phase::Warmup | Phase::Measure | Phase::Stop))
+            .await
+        {
+            Ok(p) if *p != Phase::Stop => {}
+            _ => break,
+        }
         if conn.as_ref().is_none_or(Connection::is_closed) {
             conn = None;
-            match timeout_at(deadline, Connection::open(&target.base)).await {
-                Err(_) => break,
-                Ok(Ok(new)) => conn = Some(new),
-                Ok(Err(error)) => {
-                    if Instant::now() >= measure_start {
+            let opened = tokio::select! {
+                opened = Connection::open(&shared.target.base) => opened,
+                _ = phase.wait_for(stopped) => break,
+            };
+            match opened {
+                Ok(new) => conn = Some(new),
+                Err(error) => {
+                    if *phase.borrow() == Phase::Measure {
                         *report.errors.entry("io".to_string()).or_default() += 1;
                     }
                     failures += 1;
@@ -851,20 +1197,27 @@ async fn worker(
                         break;
                     }
                     tracing::debug!(error = format!("{error:#}"), "bench connect failed");
-                    sleep_until((Instant::now() + RECONNECT_BACKOFF).min(deadline)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(RECONNECT_BACKOFF) => {}
+                        _ = phase.wait_for(stopped) => break,
+                    }
                     continue;
                 }
             }
         }
         let Some(c) = conn.as_mut() else { continue };
 
-        let request = target.post(body.clone())?;
-        let outcome = timeout_at(deadline, c.roundtrip(request)).await;
-        let measuring = Instant::now() >= measure_start;
+        let request = shared.target.post(shared.body.clone())?;
+        let in_flight = InFlight::new(&shared);
+        let outcome = tokio::select! {
+            outcome = c.roundtrip(request) => outcome,
+            // Stopped: the request in flight is not counted.
+            _ = phase.wait_for(stopped) => break,
+        };
+        drop(in_flight);
+        let measuring = *phase.borrow() == Phase::Measure;
         match outcome {
-            // The deadline: the request in flight is not counted.
-            Err(_) => break,
-            Ok(Ok((status, _, keep_alive, latency))) => {
+            Ok((status, _, keep_alive, latency)) => {
                 failures = 0;
                 if measuring {
                     if status.is_success() {
@@ -882,7 +1235,7 @@ async fn worker(
                     conn = None;
                 }
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 conn = None;
                 if measuring {
                     *report.errors.entry("io".to_string()).or_default() += 1;
@@ -922,6 +1275,32 @@ mod tests {
             Value::Array(items) => items.iter().flat_map(leaves).collect(),
             other => vec![other],
         }
+    }
+
+    #[test]
+    fn rows_per_request_reads_every_body_kind() {
+        let cohort = br#"{"inputs": {"x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]}}"#;
+        assert_eq!(rows_per_request(cohort, None), Some(3));
+        let scalar = br#"{"inputs": {"text": "one sentence"}}"#;
+        assert_eq!(rows_per_request(scalar, None), Some(1));
+        let kserve =
+            br#"{"inputs": [{"name": "x", "shape": [32, 1024], "datatype": "FP32", "data": []}]}"#;
+        assert_eq!(rows_per_request(kserve, None), Some(32));
+        let header = br#"{"inputs": [{"name": "x", "shape": [8, 4], "datatype": "FP32", "parameters": {"binary_data_size": 128}}]}"#;
+        let mut binary = header.to_vec();
+        binary.extend_from_slice(&[0u8; 128]);
+        assert_eq!(rows_per_request(&binary, Some(header.len())), Some(8));
+        // The binary tail is not JSON: without the header length nothing is read.
+        assert_eq!(rows_per_request(&binary, None), None);
+        assert_eq!(rows_per_request(b"not json", None), None);
+        assert_eq!(rows_per_request(&binary, Some(binary.len() + 1)), None);
+    }
+
+    #[test]
+    fn ratio_rounds_and_survives_zero() {
+        assert_eq!(ratio(90.0, 100.0), 0.9);
+        assert_eq!(ratio(2.0, 3.0), 0.667);
+        assert_eq!(ratio(5.0, 0.0), 0.0);
     }
 
     #[test]

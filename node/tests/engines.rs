@@ -206,3 +206,68 @@ async fn sentence_embeddings_over_http_match_numpy_and_respect_the_token_budget(
     );
     n.node.shutdown().await;
 }
+
+/// `cohort bench --raw-onnx`: the HTTP load and bare ONNX Runtime sessions over the same
+/// file take turns, and the report holds both figures and their ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compares_the_node_with_raw_onnx_runtime() {
+    let dir = onnx_models();
+    let model = dir.join("tiny_mlp.onnx");
+    let mut tiny = ModelConfig::new("tiny-onnx", EngineKind::Onnx);
+    tiny.path = Some(model.clone());
+    tiny.options.intra_op_threads = Some(1);
+    let n = start(vec![tiny]).await;
+
+    let bench = |raw: PathBuf| {
+        let url = n.url.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+                .args(["bench", "--url", &url, "--model", "tiny-onnx"])
+                .args([
+                    "--concurrency",
+                    "4",
+                    "--duration",
+                    "1s",
+                    "--warmup",
+                    "200ms",
+                ])
+                .args(["--round", "250ms", "--raw-batch", "8", "--raw-threads", "1"])
+                .arg("--raw-onnx")
+                .arg(raw)
+                .arg("--json")
+                .output()
+                .expect("bench runs")
+        })
+    };
+    let out = bench(model).await.expect("task");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["errors"], json!({}), "{report}");
+    assert!(report["ok"].as_u64().is_some_and(|ok| ok > 0), "{report}");
+    assert_eq!(report["rows_per_request"], 1, "{report}");
+    let raw = &report["raw_onnx"];
+    assert_eq!(raw["batch"], 8, "{report}");
+    assert!(raw["calls"].as_u64().is_some_and(|c| c > 0), "{report}");
+    // Both sides were measured for about the asked duration, in turns.
+    for side in [&report["duration_s"], &raw["duration_s"]] {
+        assert!(side.as_f64().is_some_and(|d| d > 0.5), "{report}");
+    }
+    let samples = report["samples_per_second"].as_f64().expect("samples/s");
+    let raw_samples = raw["samples_per_second"].as_f64().expect("raw samples/s");
+    let vs_raw = report["vs_raw"].as_f64().expect("vs_raw");
+    assert!(samples > 0.0 && raw_samples > 0.0, "{report}");
+    assert!((vs_raw - samples / raw_samples).abs() < 0.01, "{report}");
+
+    // A file that is not a model: a clear error and a non-zero exit, before any load.
+    let bad = dir.join("not-a-model.onnx");
+    std::fs::write(&bad, b"not onnx").expect("written");
+    let out = bench(bad).await.expect("task");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not-a-model.onnx"), "{err}");
+    n.node.shutdown().await;
+}

@@ -1,0 +1,242 @@
+//! Bare ONNX Runtime: the baseline that Cohort's throughput on an ONNX model is measured
+//! against (`cohort bench --raw-onnx`, and the `ort_raw` example).
+//!
+//! [`RawOnnx`] opens `sessions` sessions of a `.onnx` file with the engine's settings
+//! (`threads` intra-op threads, one inter-op thread, every graph optimization, the same
+//! library lookup) but none of Cohort around them: one deterministic batch of `batch` rows
+//! is made once, and each call is `Session::run` on views of its buffers with the outputs
+//! dropped unread. (Views were measured 2–4 % faster than values that ONNX Runtime owns,
+//! so the baseline uses them.) [`RawOnnx::run_for`] drives every session in a
+//! closed loop on a thread of its own, all at once, and returns how many calls finished.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ort::session::{Session, SessionInputValue, SessionInputs};
+
+use crate::onnx::{commit, find_library, init_runtime, input_value, metadata, session_builder};
+use crate::{DType, EngineError, ModelMetadata, Tensor, TensorData, TensorMap};
+
+/// One bare session and the batch it runs, in the session's input order.
+struct Worker {
+    session: Session,
+    inputs: Vec<Tensor>,
+}
+
+impl Worker {
+    fn call(&mut self) -> Result<(), EngineError> {
+        let views = self
+            .inputs
+            .iter()
+            .map(input_value)
+            .collect::<Result<Vec<SessionInputValue<'_>>, _>>()
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(SessionInputs::<'_, '_, 0>::ValueSlice(&views))
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        std::hint::black_box(outputs.len());
+        Ok(())
+    }
+}
+
+/// `sessions` bare ONNX Runtime sessions of one model, each with the same batch.
+pub struct RawOnnx {
+    workers: Vec<Worker>,
+    batch: usize,
+    meta: ModelMetadata,
+}
+
+impl std::fmt::Debug for RawOnnx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawOnnx")
+            .field("sessions", &self.workers.len())
+            .field("batch", &self.batch)
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawOnnx {
+    /// Opens `sessions` sessions of `model` with `threads` intra-op threads each, loading
+    /// ONNX Runtime from `library` (else found as the engine finds it), and makes a batch of
+    /// `batch` rows for them (see [`batch_inputs`]).
+    pub fn open(
+        model: &Path,
+        library: Option<&Path>,
+        threads: usize,
+        sessions: usize,
+        batch: usize,
+    ) -> Result<Self, EngineError> {
+        let err = |reason: String| EngineError::Load {
+            path: model.display().to_string(),
+            reason,
+        };
+        if threads == 0 || sessions == 0 || batch == 0 {
+            return Err(err(
+                "threads, sessions and batch must each be at least 1".into()
+            ));
+        }
+        let env = init_runtime(&find_library(library)?)?;
+        let mut workers = Vec::with_capacity(sessions);
+        let mut meta = None;
+        for _ in 0..sessions {
+            let builder = session_builder(&env, threads, None).map_err(err)?;
+            let session = commit(builder, model).map_err(err)?;
+            let m = match meta.take() {
+                Some(m) => m,
+                None => metadata(&session).map_err(err)?,
+            };
+            let mut inputs = batch_inputs(&m, batch)?;
+            let inputs = m
+                .inputs
+                .iter()
+                .map(|spec| {
+                    inputs
+                        .remove(&spec.name)
+                        .ok_or_else(|| err(format!("no value made for input {:?}", spec.name)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            meta = Some(m);
+            workers.push(Worker { session, inputs });
+        }
+        let meta = meta.ok_or_else(|| err("no session was opened".into()))?;
+        Ok(Self {
+            workers,
+            batch,
+            meta,
+        })
+    }
+
+    /// Rows in each call's batch.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// How many sessions run side by side.
+    pub fn sessions(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The model's inputs and outputs, as ONNX Runtime reports them.
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    /// Runs every session in a closed loop on a thread of its own for `time`; returns the
+    /// calls finished by then, all sessions together. A failed call stops every thread and
+    /// is the error.
+    pub fn run_for(&mut self, time: Duration) -> Result<u64, EngineError> {
+        let end = Instant::now() + time;
+        let failed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .workers
+                .iter_mut()
+                .map(|w| {
+                    let failed = &failed;
+                    s.spawn(move || -> Result<u64, EngineError> {
+                        let mut calls = 0u64;
+                        while Instant::now() < end && !failed.load(Ordering::Relaxed) {
+                            if let Err(e) = w.call() {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                            calls += 1;
+                        }
+                        Ok(calls)
+                    })
+                })
+                .collect();
+            let mut total = 0u64;
+            let mut first_error = None;
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(n)) => total += n,
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_error.get_or_insert(EngineError::Inference(
+                            "a raw ONNX Runtime thread panicked".into(),
+                        ));
+                    }
+                }
+            }
+            match first_error {
+                Some(e) => Err(e),
+                None => Ok(total),
+            }
+        })
+    }
+}
+
+/// A deterministic batch for `meta`'s inputs: a dynamic first dimension is `batch`, any
+/// other dynamic dimension 1; values are spread over [-1, 1) for floats and 0..100 for
+/// integers.
+pub fn batch_inputs(meta: &ModelMetadata, batch: usize) -> Result<TensorMap, EngineError> {
+    let mut out = TensorMap::new();
+    for spec in &meta.inputs {
+        let shape: Vec<usize> = spec
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| match usize::try_from(d) {
+                Ok(d) => d,
+                Err(_) if i == 0 => batch,
+                Err(_) => 1,
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        let x = |i: usize| ((i * 7919) % 1000) as f64 / 500.0 - 1.0;
+        let data = match spec.dtype {
+            DType::F32 => TensorData::F32((0..n).map(|i| x(i) as f32).collect()),
+            DType::F64 => TensorData::F64((0..n).map(x).collect()),
+            DType::F16 => TensorData::F16((0..n).map(|i| half::f16::from_f64(x(i))).collect()),
+            DType::I64 => TensorData::I64((0..n).map(|i| (i % 100) as i64).collect()),
+            DType::I32 => TensorData::I32((0..n).map(|i| (i % 100) as i32).collect()),
+            DType::I8 => TensorData::I8((0..n).map(|i| (i % 100) as i8).collect()),
+            DType::U8 => TensorData::U8((0..n).map(|i| (i % 100) as u8).collect()),
+            DType::Bool => TensorData::Bool((0..n).map(|i| i % 2 == 0).collect()),
+            DType::String => TensorData::String((0..n).map(|i| format!("s{i}")).collect()),
+        };
+        out.insert(spec.name.clone(), Tensor::new(shape, data)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TensorSpec;
+
+    #[test]
+    fn batch_inputs_fill_dynamic_dims() {
+        let meta = ModelMetadata {
+            inputs: vec![
+                TensorSpec::new("x", DType::F32, &[-1, 4]),
+                TensorSpec::new("ids", DType::I64, &[-1, -1]),
+                TensorSpec::new("fixed", DType::U8, &[2, 3]),
+            ],
+            outputs: vec![],
+        };
+        let inputs = batch_inputs(&meta, 5).expect("valid specs");
+        assert_eq!(inputs["x"].shape, vec![5, 4]);
+        assert_eq!(inputs["ids"].shape, vec![5, 1]);
+        assert_eq!(inputs["fixed"].shape, vec![2, 3]);
+        let TensorData::F32(x) = &inputs["x"].data else {
+            panic!("x is f32")
+        };
+        assert!(x.iter().all(|v| (-1.0..1.0).contains(v)));
+        // Deterministic.
+        assert_eq!(batch_inputs(&meta, 5).expect("valid"), inputs);
+    }
+
+    #[test]
+    fn zero_sizes_are_refused_before_loading() {
+        let e =
+            RawOnnx::open(Path::new("/nonexistent.onnx"), None, 1, 0, 32).expect_err("no sessions");
+        assert!(e.to_string().contains("at least 1"), "{e}");
+    }
+}
