@@ -84,6 +84,8 @@ pub struct RequestQueue<T> {
     seq: u64,
     capacity: usize,
     aging: Duration,
+    /// Rows of every item waiting, kept as items come and go.
+    rows: usize,
 }
 
 impl<T: QueueItem> RequestQueue<T> {
@@ -92,6 +94,7 @@ impl<T: QueueItem> RequestQueue<T> {
         RequestQueue {
             lanes: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
             seq: 0,
+            rows: 0,
             capacity,
             aging: aging.max(Duration::from_micros(1)),
         }
@@ -118,6 +121,7 @@ impl<T: QueueItem> RequestQueue<T> {
             return Err(Full(item));
         }
         self.seq += 1;
+        self.rows += item.rows();
         self.lanes[item.priority().level() as usize].push_back((self.seq, item));
         Ok(())
     }
@@ -132,10 +136,14 @@ impl<T: QueueItem> RequestQueue<T> {
 
     /// Rows waiting in all lanes.
     pub fn rows(&self) -> usize {
-        self.lanes
-            .iter()
-            .flat_map(|l| l.iter().map(|(_, it)| it.rows()))
-            .sum()
+        self.rows
+    }
+
+    /// Takes the head of `lane`.
+    fn pop(&mut self, lane: usize) -> Option<T> {
+        let (_, it) = self.lanes[lane].pop_front()?;
+        self.rows = self.rows.saturating_sub(it.rows());
+        Some(it)
     }
 
     /// The lane whose head goes next at `now`.
@@ -177,13 +185,13 @@ impl<T: QueueItem> RequestQueue<T> {
                 break;
             };
             if head.cancelled() {
-                if let Some((_, it)) = self.lanes[lane].pop_front() {
+                if let Some(it) = self.pop(lane) {
                     taken.cancelled.push(it);
                 }
                 continue;
             }
             if head.deadline() <= now {
-                if let Some((_, it)) = self.lanes[lane].pop_front() {
+                if let Some(it) = self.pop(lane) {
                     taken.expired.push(it);
                 }
                 continue;
@@ -198,7 +206,7 @@ impl<T: QueueItem> RequestQueue<T> {
             }
             rows += head.rows();
             tokens += head.tokens();
-            if let Some((_, it)) = self.lanes[lane].pop_front() {
+            if let Some(it) = self.pop(lane) {
                 taken.batch.push(it);
             }
             if rows >= max_rows {
@@ -210,6 +218,7 @@ impl<T: QueueItem> RequestQueue<T> {
 
     /// Takes every item out (used when a replica is given up on).
     pub fn drain_all(&mut self) -> Vec<T> {
+        self.rows = 0;
         let mut out: Vec<(u64, T)> = self.lanes.iter_mut().flat_map(|l| l.drain(..)).collect();
         out.sort_by_key(|(seq, _)| *seq);
         out.into_iter().map(|(_, it)| it).collect()
@@ -271,6 +280,44 @@ mod tests {
 
     fn names(items: &[Item]) -> Vec<&'static str> {
         items.iter().map(|i| i.name).collect()
+    }
+
+    #[test]
+    fn rows_follow_every_way_in_and_out() {
+        let t0 = Instant::now();
+        let mut q = RequestQueue::new(10, Duration::from_secs(10));
+        let sized = |name, rows, priority| Item {
+            rows,
+            ..item(name, priority, t0)
+        };
+        q.push(sized("a", 3, Priority::Normal)).unwrap();
+        q.push(sized("b", 5, Priority::High)).unwrap();
+        q.push(Item {
+            cancelled: true,
+            ..sized("gone", 7, Priority::High)
+        })
+        .unwrap();
+        q.push(Item {
+            deadline: t0,
+            ..sized("late", 11, Priority::Low)
+        })
+        .unwrap();
+        q.push(sized("c", 2, Priority::Low)).unwrap();
+        assert_eq!(q.rows(), 28);
+        // b (5) then a (3): the batch is full at 8 rows; the cancelled one met on the way
+        // is taken out too.
+        let taken = q.take_batch(t0, 8, 0);
+        assert_eq!(names(&taken.batch), vec!["b", "a"]);
+        assert_eq!(names(&taken.cancelled), vec!["gone"]);
+        assert_eq!(q.rows(), 13);
+        let taken = q.take_batch(t0, 8, 0);
+        assert_eq!(names(&taken.expired), vec!["late"]);
+        assert_eq!(names(&taken.batch), vec!["c"]);
+        assert_eq!(q.rows(), 0);
+        q.push(sized("d", 4, Priority::Normal)).unwrap();
+        assert_eq!(q.rows(), 4);
+        assert_eq!(names(&q.drain_all()), vec!["d"]);
+        assert_eq!(q.rows(), 0);
     }
 
     #[test]

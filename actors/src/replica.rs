@@ -304,11 +304,22 @@ impl ReplicaShared {
             return Err(Box::new((err, p)));
         }
         p.enqueued = Instant::now();
+        let rows_before = q.queue.rows();
+        let was_empty = q.queue.is_empty();
         match q.queue.push(p) {
             Ok(()) => {
                 self.queued.store(q.queue.len(), Ordering::Relaxed);
+                // The engine thread waits without a deadline only on an empty queue, and
+                // with one (the batch delay) only while the batch is short of
+                // `max_batch_size` rows: only the first request and the one that fills the
+                // batch can change what it does. Waking it for the others would cost a
+                // syscall and a context switch per request for nothing.
+                let max = self.batching.max_batch_size.max(1);
+                let wake = was_empty || (rows_before < max && q.queue.rows() >= max);
                 drop(q);
-                self.wake.notify_one();
+                if wake {
+                    self.wake.notify_one();
+                }
                 Ok(())
             }
             Err(Full(p)) => {

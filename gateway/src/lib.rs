@@ -166,6 +166,27 @@ async fn not_found(req: Request) -> ApiError {
     ))
 }
 
+/// A fresh request id: 32 hex digits, like a UUID's simple form. The first 16 are drawn at
+/// random once per process, the last 16 are a per-process counter passed through a
+/// bijective mixer (SplitMix64's finalizer), so ids never repeat within a process, do not
+/// show how many requests came before, and cost no system call: a random UUID per request
+/// asked the kernel for entropy every time.
+fn new_request_id() -> Arc<str> {
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Arc::from(format!("{prefix:016x}{:016x}", mix64(n)))
+}
+
+/// SplitMix64's finalizer: a bijection on u64 that spreads consecutive inputs apart.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Gives each request an id (the client's `x-request-id` when it is sane), puts it on the
 /// response, and renders error envelopes with it.
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -175,7 +196,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty() && s.len() <= 128)
         .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().simple().to_string()));
+        .unwrap_or_else(new_request_id);
     req.extensions_mut().insert(RequestId(Arc::clone(&id)));
     let span = tracing::debug_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let started = std::time::Instant::now();
@@ -396,5 +417,35 @@ impl GatewayFactory for HttpGateway {
                 .map(|(actor, _)| actor.get_cell())
                 .map_err(|e| e.to_string())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_distinct_hex_with_one_prefix() {
+        let ids: Vec<Arc<str>> = (0..10_000).map(|_| new_request_id()).collect();
+        let unique: std::collections::HashSet<&str> = ids.iter().map(|id| &**id).collect();
+        assert_eq!(unique.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.len(), 32);
+            assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+            assert_eq!(id[..16], ids[0][..16]);
+        }
+        // Consecutive ids differ in most of their last 16 digits.
+        let differing = ids[0][16..]
+            .chars()
+            .zip(ids[1][16..].chars())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(differing >= 8, "{} {}", ids[0], ids[1]);
+    }
+
+    #[test]
+    fn mix64_gives_distinct_outputs_on_a_sample() {
+        let outs: std::collections::HashSet<u64> = (0..100_000u64).map(mix64).collect();
+        assert_eq!(outs.len(), 100_000);
     }
 }
