@@ -22,6 +22,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_config::{NodeConfig, Overrides};
 
+/// mimalloc instead of glibc malloc: the gateway allocates and frees a handful of small
+/// buffers per request from whichever worker thread runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Cohort: an actor-based inference cluster.
 #[derive(Parser, Debug)]
 #[command(name = "cohort", version, about, long_about = None)]
