@@ -10,7 +10,8 @@
 #   libcuda.so.1). Without a driver, stand-ins are generated: a shared library per
 #   library with every function cudarc declares, each returning CUDA_ERROR_NO_DEVICE. The
 #   binaries then link and run, and find no GPU (cuInit fails), which is what a `cuda`
-#   build does on a machine without a GPU. With stand-ins, nothing runs on a GPU: this
+#   build does on a machine without a GPU. Stand-ins are written only into the PyPI
+#   toolkit's directory: with a system nvcc but no driver, the script stops. With stand-ins, nothing runs on a GPU: this
 #   checks that the feature's code compiles, is clippy-clean and links, and that a cuda
 #   build without a GPU serves on the CPU and passes every test.
 #
@@ -25,9 +26,21 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target/cuda}"
 # The multi-process tests run this build's binary.
 export COHORT_BIN="${COHORT_BIN:-$CARGO_TARGET_DIR/debug/cohort}"
 
+have_driver=false
+if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    have_driver=true
+fi
+
 if command -v nvcc >/dev/null 2>&1; then
     cuda_root=$(dirname "$(dirname "$(command -v nvcc)")")
     echo "== nvcc from $cuda_root"
+    if ! $have_driver; then
+        # Stand-ins are only ever written into the PyPI toolkit this script installs.
+        echo "nvcc is here but no CUDA driver: the test binaries cannot link. Run this on a" >&2
+        echo "machine with the driver, or without nvcc on PATH to use the PyPI compiler" >&2
+        echo "and stand-in libraries." >&2
+        exit 1
+    fi
 else
     venv="${CUDA_VENV:-$root/target/cuda-toolkit-venv}"
     if [ ! -x "$venv/bin/python" ]; then
@@ -49,10 +62,11 @@ export PATH="$cuda_root/bin:$PATH" CUDA_ROOT="$cuda_root" CUDA_PATH="$cuda_root"
 # No GPU to ask: build the kernels for Hopper (H100/H200) unless told otherwise.
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 
-if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+if $have_driver; then
     echo "== linking against the machine's CUDA driver"
 else
-    # cudarc's build script searches $CUDA_ROOT/lib/stubs among others.
+    # Only reached with the PyPI toolkit. cudarc's build script searches
+    # $CUDA_ROOT/lib/stubs among others.
     stubs="$cuda_root/lib/stubs"
     mkdir -p "$stubs"
     cudarc=$(cargo metadata --locked --format-version 1 --features cohort-engines/cuda |
