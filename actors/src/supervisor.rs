@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cohort_config::{DeviceSpec, EngineKind, ModelConfig, NodeConfig};
-use cohort_engines::{DeviceInfo, LoadContext};
+use cohort_engines::{Device, DeviceInfo, LoadContext};
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
@@ -235,6 +235,9 @@ struct ReplicaSlot {
     model: ModelConfig,
     actor: Option<ActorRef<ModelInstanceMsg>>,
     failures: VecDeque<Instant>,
+    /// Device memory this replica is expected to use (its model's files and half again):
+    /// what `auto` placement counts as taken on its device while the replica lives.
+    reserved_bytes: u64,
 }
 
 /// The most replicas of one model on one node.
@@ -292,18 +295,26 @@ impl SupervisorState {
         Ok(())
     }
 
-    /// Intra-op threads for an ONNX replica when its model does not say: the node's cores
-    /// shared among its ONNX replicas, so that they do not oversubscribe the CPU.
+    /// Intra-op threads for an ONNX replica when its model does not say.
     fn onnx_threads(&self) -> usize {
-        let cores = self.ctx.devices.first().map_or(1, |d| d.cores.max(1));
-        let onnx = self
-            .models
-            .values()
-            .filter(|m| m.engine == EngineKind::Onnx && m.device == "cpu")
-            .map(|m| m.replicas)
-            .sum::<usize>()
-            .max(1);
-        (cores / onnx).max(1)
+        default_onnx_threads(&self.ctx.devices, self.models.values())
+    }
+
+    /// Device memory that this node's live replicas on `device` are expected to use.
+    /// Stopped and failed replicas hold none; a restarting one keeps its share, since it
+    /// comes back to the same device.
+    fn reserved(&self, device: Device) -> u64 {
+        self.replicas
+            .iter()
+            .filter(|r| r.shared.device == device)
+            .filter(|r| {
+                !matches!(
+                    r.shared.state(),
+                    ReplicaState::Stopped | ReplicaState::Failed
+                )
+            })
+            .map(|r| r.reserved_bytes)
+            .fold(0, u64::saturating_add)
     }
 
     /// Adds one replica of `model`: a new slot in the routing table, pinned to a device,
@@ -320,12 +331,14 @@ impl SupervisorState {
             .resolved_path(&self.ctx.config.data_dir)
             .and_then(|p| dir_size(&p))
             .unwrap_or(0);
+        let need = need.saturating_add(need / 2);
         let spec = DeviceSpec::parse(&model.device).unwrap_or(DeviceSpec::Cpu);
-        let device = cohort_engines::device::resolve(spec, &self.ctx.devices, need + need / 2);
+        let device =
+            cohort_engines::device::resolve(spec, &self.ctx.devices, need, |d| self.reserved(d));
         let shared = ReplicaShared::new(
             model,
             i,
-            *device.as_ref().unwrap_or(&cohort_engines::Device::Cpu),
+            *device.as_ref().unwrap_or(&Device::Cpu),
             self.ctx.config.limits.queue_capacity,
             self.ctx.metrics.for_model(&model.name),
         );
@@ -334,6 +347,7 @@ impl SupervisorState {
             model: model.clone(),
             actor: None,
             failures: VecDeque::new(),
+            reserved_bytes: need,
         });
         ractor::call!(self.router, |ack| RouterMsg {
             change: RouteChange::AddReplica(Arc::clone(&shared)),
@@ -793,6 +807,28 @@ fn register_models(cluster: cohort_cluster::ClusterHandle, models: Vec<ModelConf
 }
 
 /// Bytes of a file, or of every file under a directory (a model's size on disk).
+/// The default intra-op threads of an ONNX replica: the node's cores shared among its ONNX
+/// replicas on the CPU, so that they do not oversubscribe it, at least 1. `auto` counts as
+/// the CPU on a node without a GPU, where it always lands.
+fn default_onnx_threads<'a>(
+    devices: &[DeviceInfo],
+    models: impl Iterator<Item = &'a ModelConfig>,
+) -> usize {
+    let cores = devices.first().map_or(1, |d| d.cores.max(1));
+    let no_gpu = devices.iter().all(|d| d.kind != "cuda");
+    let on_cpu = |m: &ModelConfig| match DeviceSpec::parse(&m.device) {
+        Some(DeviceSpec::Cpu) | None => true,
+        Some(DeviceSpec::Auto) => no_gpu,
+        Some(DeviceSpec::Cuda(_)) => false,
+    };
+    let replicas = models
+        .filter(|m| m.engine == EngineKind::Onnx && on_cpu(m))
+        .map(|m| m.replicas)
+        .sum::<usize>()
+        .max(1);
+    (cores / replicas).max(1)
+}
+
 fn dir_size(path: &std::path::Path) -> Option<u64> {
     let meta = std::fs::metadata(path).ok()?;
     if meta.is_file() {
@@ -808,6 +844,49 @@ fn dir_size(path: &std::path::Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn onnx_threads_share_the_cores_among_onnx_replicas_on_the_cpu() {
+        let cpu = |cores| DeviceInfo {
+            id: "cpu".into(),
+            kind: "cpu",
+            name: "cpu".into(),
+            total_memory: 0,
+            free_memory: 0,
+            cores,
+        };
+        let gpu = DeviceInfo {
+            id: "cuda:0".into(),
+            kind: "cuda",
+            name: "gpu".into(),
+            total_memory: 0,
+            free_memory: 0,
+            cores: 0,
+        };
+        let model = |engine, device: &str, replicas| {
+            let mut m = ModelConfig::new("m", engine);
+            m.device = device.into();
+            m.replicas = replicas;
+            m
+        };
+        let models = [
+            model(EngineKind::Onnx, "cpu", 2),
+            model(EngineKind::Onnx, "auto", 2),
+            model(EngineKind::Onnx, "cuda:0", 3),
+            model(EngineKind::CandleMlp, "cpu", 4),
+        ];
+        // No GPU: `auto` runs on the CPU too, 4 ONNX replicas share 16 cores.
+        assert_eq!(default_onnx_threads(&[cpu(16)], models.iter()), 4);
+        // With a GPU, `auto` may go there: only the `cpu` model's 2 replicas count.
+        assert_eq!(
+            default_onnx_threads(&[cpu(16), gpu.clone()], models.iter()),
+            8
+        );
+        // Never below one thread, and one model alone gets every core.
+        assert_eq!(default_onnx_threads(&[cpu(2)], models.iter()), 1);
+        assert_eq!(default_onnx_threads(&[cpu(2)], models[2..].iter()), 2);
+        assert_eq!(default_onnx_threads(&[], std::iter::empty()), 1);
+    }
 
     #[test]
     fn backoff_doubles_then_the_budget_runs_out() {

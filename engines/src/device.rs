@@ -144,12 +144,15 @@ pub enum DeviceError {
 }
 
 /// Chooses the device for a replica: `cpu` and `cuda:N` as written (N must exist);
-/// `auto` takes the GPU with the most free memory if it has at least `need_bytes` free,
-/// else the CPU.
+/// `auto` takes the GPU with the most memory left if it has at least `need_bytes` left,
+/// else the CPU. A GPU's memory left is its free memory at discovery less `reserved` for
+/// it: what this node's replicas already placed there are expected to use, so that
+/// several `auto` replicas do not all count on the same free memory.
 pub fn resolve(
     spec: DeviceSpec,
     devices: &[DeviceInfo],
     need_bytes: u64,
+    reserved: impl Fn(Device) -> u64,
 ) -> Result<Device, DeviceError> {
     let gpus: Vec<(usize, &DeviceInfo)> = devices
         .iter()
@@ -171,9 +174,13 @@ pub fn resolve(
         }
         DeviceSpec::Auto => Ok(gpus
             .iter()
-            .filter(|(_, d)| d.free_memory >= need_bytes)
-            .max_by_key(|(_, d)| d.free_memory)
-            .map_or(Device::Cpu, |(i, _)| Device::Cuda(*i))),
+            .map(|(i, d)| {
+                let left = d.free_memory.saturating_sub(reserved(Device::Cuda(*i)));
+                (*i, left)
+            })
+            .filter(|(_, left)| *left >= need_bytes)
+            .max_by_key(|(_, left)| *left)
+            .map_or(Device::Cpu, |(i, _)| Device::Cuda(i))),
     }
 }
 
@@ -202,23 +209,69 @@ mod tests {
     #[test]
     fn auto_prefers_the_gpu_with_most_free_memory_that_fits() {
         let devs = vec![cpu_info(), gpu(0, 1 << 30), gpu(1, 8 << 30)];
+        let none = |_| 0;
         assert_eq!(
-            resolve(DeviceSpec::Auto, &devs, 2 << 30),
+            resolve(DeviceSpec::Auto, &devs, 2 << 30, none),
             Ok(Device::Cuda(1))
         );
-        assert_eq!(resolve(DeviceSpec::Auto, &devs, 16 << 30), Ok(Device::Cpu));
-        assert_eq!(resolve(DeviceSpec::Auto, &devs[..1], 0), Ok(Device::Cpu));
+        assert_eq!(
+            resolve(DeviceSpec::Auto, &devs, 16 << 30, none),
+            Ok(Device::Cpu)
+        );
+        assert_eq!(
+            resolve(DeviceSpec::Auto, &devs[..1], 0, none),
+            Ok(Device::Cpu)
+        );
+    }
+
+    #[test]
+    fn auto_counts_what_earlier_replicas_reserved() {
+        let devs = vec![cpu_info(), gpu(0, 6 << 30), gpu(1, 8 << 30)];
+        // Replicas of 3 GiB placed one after another, as the supervisor does: each
+        // reservation lowers what the next one sees.
+        let mut reserved = std::collections::HashMap::<Device, u64>::new();
+        let mut placed = Vec::new();
+        for _ in 0..5 {
+            let d = resolve(DeviceSpec::Auto, &devs, 3 << 30, |d| {
+                reserved.get(&d).copied().unwrap_or(0)
+            })
+            .unwrap();
+            if d != Device::Cpu {
+                *reserved.entry(d).or_insert(0) += 3 << 30;
+            }
+            placed.push(d);
+        }
+        assert_eq!(
+            placed,
+            [
+                Device::Cuda(1),
+                Device::Cuda(0),
+                Device::Cuda(1),
+                Device::Cuda(0),
+                Device::Cpu
+            ]
+        );
+        // A reservation larger than what was free leaves nothing, not an overflow.
+        let full = |d| if d == Device::Cuda(1) { u64::MAX } else { 0 };
+        assert_eq!(
+            resolve(DeviceSpec::Auto, &devs, 1, full),
+            Ok(Device::Cuda(0))
+        );
     }
 
     #[test]
     fn explicit_devices_must_exist() {
         let devs = vec![cpu_info(), gpu(0, 1 << 30)];
-        assert_eq!(resolve(DeviceSpec::Cuda(0), &devs, 0), Ok(Device::Cuda(0)));
+        let none = |_| 0;
         assert_eq!(
-            resolve(DeviceSpec::Cuda(3), &devs, 0),
+            resolve(DeviceSpec::Cuda(0), &devs, 0, none),
+            Ok(Device::Cuda(0))
+        );
+        assert_eq!(
+            resolve(DeviceSpec::Cuda(3), &devs, 0, none),
             Err(DeviceError::NoSuchGpu(3, 1))
         );
-        assert_eq!(resolve(DeviceSpec::Cpu, &devs, 0), Ok(Device::Cpu));
+        assert_eq!(resolve(DeviceSpec::Cpu, &devs, 0, none), Ok(Device::Cpu));
     }
 
     #[test]
