@@ -121,7 +121,7 @@ impl<T: QueueItem> RequestQueue<T> {
             return Err(Full(item));
         }
         self.seq += 1;
-        self.rows += item.rows();
+        self.rows = self.rows.saturating_add(item.rows());
         self.lanes[item.priority().level() as usize].push_back((self.seq, item));
         Ok(())
     }
@@ -173,8 +173,8 @@ impl<T: QueueItem> RequestQueue<T> {
             expired: Vec::new(),
             cancelled: Vec::new(),
         };
-        let mut rows = 0;
-        let mut tokens = 0;
+        let mut rows: usize = 0;
+        let mut tokens: usize = 0;
         let token_limit = if max_tokens == 0 {
             usize::MAX
         } else {
@@ -197,15 +197,15 @@ impl<T: QueueItem> RequestQueue<T> {
                 continue;
             }
             if let Some(first) = taken.batch.first() {
-                if rows + head.rows() > max_rows
-                    || tokens + head.tokens() > token_limit
+                if rows.saturating_add(head.rows()) > max_rows
+                    || tokens.saturating_add(head.tokens()) > token_limit
                     || !first.joinable(head)
                 {
                     break;
                 }
             }
-            rows += head.rows();
-            tokens += head.tokens();
+            rows = rows.saturating_add(head.rows());
+            tokens = tokens.saturating_add(head.tokens());
             if let Some(it) = self.pop(lane) {
                 taken.batch.push(it);
             }

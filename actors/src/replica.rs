@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use cohort_config::{BatchingConfig, ModelConfig};
 use cohort_engines::{
-    concat_maps, split_map, Device, Engine, LoadContext, ModelMetadata, TensorMap, TokenCounter,
+    concat_maps, split_map, Device, Engine, LoadContext, ModelMetadata, TensorData, TensorMap,
+    TokenCounter,
 };
 use hdrhistogram::Histogram;
 use ractor::{ActorRef, RpcReplyPort};
@@ -147,6 +148,9 @@ struct QueueState {
     closing: bool,
 }
 
+/// Text in one request above which counting its tokens leaves the async scheduler.
+pub const BLOCKING_TEXT_BYTES: usize = 64 * 1024;
+
 /// Counters and queue of one replica.
 pub struct ReplicaShared {
     /// `{model}-{index}`, unique on the node.
@@ -267,9 +271,28 @@ impl ReplicaShared {
         self.metadata.get()
     }
 
-    /// Counts a request's tokens, for text models.
+    /// Counts a request's tokens, for text models. Called from request handlers: for a
+    /// request with more than [`BLOCKING_TEXT_BYTES`] of text, on a multi-threaded tokio
+    /// runtime, the tokenizer runs under `block_in_place`, so that the worker's other tasks
+    /// move to another worker instead of waiting behind it.
     pub fn count_tokens(&self, inputs: &TensorMap) -> usize {
-        self.token_counter.get().map_or(0, |count| count(inputs))
+        let Some(count) = self.token_counter.get() else {
+            return 0;
+        };
+        let text: usize = inputs
+            .values()
+            .map(|t| match &t.data {
+                TensorData::String(v) => v.iter().map(String::len).sum(),
+                _ => 0,
+            })
+            .sum();
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if text > BLOCKING_TEXT_BYTES && multi_thread {
+            tokio::task::block_in_place(|| count(inputs))
+        } else {
+            count(inputs)
+        }
     }
 
     /// Times the replica was restarted.

@@ -829,14 +829,27 @@ fn default_onnx_threads<'a>(
     (cores / replicas).max(1)
 }
 
+/// The bytes of a model file, or of the files under a model directory. Symbolic links are
+/// followed (a Hugging Face snapshot links each file to its blob), to at most
+/// `DIR_SIZE_DEPTH` levels, so that a link cycle ends instead of overflowing the stack.
 fn dir_size(path: &std::path::Path) -> Option<u64> {
+    dir_size_within(path, DIR_SIZE_DEPTH)
+}
+
+const DIR_SIZE_DEPTH: usize = 8;
+
+fn dir_size_within(path: &std::path::Path, depth: usize) -> Option<u64> {
     let meta = std::fs::metadata(path).ok()?;
     if meta.is_file() {
         return Some(meta.len());
     }
-    let mut total = 0;
+    if depth == 0 {
+        return Some(0);
+    }
+    let mut total: u64 = 0;
     for entry in std::fs::read_dir(path).ok()?.flatten() {
-        total += dir_size(&entry.path()).unwrap_or(0);
+        let size = dir_size_within(&entry.path(), depth - 1).unwrap_or(0);
+        total = total.saturating_add(size);
     }
     Some(total)
 }
@@ -844,6 +857,21 @@ fn dir_size(path: &std::path::Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dir_size_counts_files_and_ends_on_a_link_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), [0u8; 10]).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/b"), [0u8; 5]).unwrap();
+        assert_eq!(dir_size(dir.path()), Some(15));
+        assert_eq!(dir_size(&dir.path().join("a")), Some(10));
+        assert_eq!(dir_size(&dir.path().join("missing")), None);
+        // sub/loop -> .. : every level sees `a` and `sub` again, until the depth runs out.
+        std::os::unix::fs::symlink("..", dir.path().join("sub/loop")).unwrap();
+        let size = dir_size(dir.path()).unwrap();
+        assert!(size > 15, "{size}");
+    }
 
     #[test]
     fn onnx_threads_share_the_cores_among_onnx_replicas_on_the_cpu() {

@@ -498,6 +498,10 @@ fn texts(inputs: &TensorMap) -> Result<&[String], EngineError> {
     Ok(v)
 }
 
+/// Bytes per token above which [`BertEmbedder::token_counter`] counts a text as the
+/// longest without tokenizing it. English text takes 4 to 5 bytes a token.
+const COUNT_BYTES_PER_TOKEN: usize = 32;
+
 impl Engine for BertEmbedder {
     fn metadata(&self) -> &ModelMetadata {
         &self.meta
@@ -529,12 +533,19 @@ impl Engine for BertEmbedder {
             strings
                 .iter()
                 .map(|s| {
+                    // `infer` truncates at `worst` tokens, so a text long enough to surely
+                    // reach it is not tokenized here: that would cost a tokio worker time
+                    // for nothing. (A text of such length with fewer tokens is counted as
+                    // `worst`: more than it takes, never less.)
+                    if s.len() > worst.saturating_mul(COUNT_BYTES_PER_TOKEN) {
+                        return worst;
+                    }
                     // A text the tokenizer rejects fails in `infer`; count it as the longest.
                     tokenizer
                         .encode_fast(s.as_str(), true)
-                        .map_or(worst, |e| e.len())
+                        .map_or(worst, |e| e.len().min(worst))
                 })
-                .sum()
+                .fold(0, usize::saturating_add)
         }))
     }
 }

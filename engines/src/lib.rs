@@ -146,6 +146,14 @@ impl ModelMetadata {
             if r == 0 {
                 return Err(err(&spec.name, "has no rows".into()));
             }
+            // An empty dimension past the first would let a body with no data claim any
+            // number of rows (shape [10^18, 0]), and the batcher counts rows.
+            if t.shape.contains(&0) {
+                return Err(err(
+                    &spec.name,
+                    format!("has an empty dimension: shape {:?}", t.shape),
+                ));
+            }
             match rows {
                 None => rows = Some(r),
                 Some(prev) if prev != r => {
@@ -313,5 +321,29 @@ mod tests {
         );
         let e = meta().check_inputs(&m).unwrap_err();
         assert!(e.reason.contains("dtype"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_dimension_cannot_claim_rows() {
+        // No data at all, yet 10^18 rows: the batcher would count them.
+        let mut m = TensorMap::new();
+        m.insert(
+            "x".into(),
+            Tensor::new(vec![1_000_000_000_000_000_000, 0], TensorData::F32(vec![])).unwrap(),
+        );
+        m.insert(
+            "ids".into(),
+            Tensor::new(vec![1], TensorData::I64(vec![0])).unwrap(),
+        );
+        let meta = ModelMetadata {
+            inputs: vec![
+                TensorSpec::new("x", DType::F32, &[-1, -1]),
+                TensorSpec::new("ids", DType::I64, &[-1]),
+            ],
+            outputs: vec![],
+        };
+        let e = meta.check_inputs(&m).unwrap_err();
+        assert_eq!(e.input, "x");
+        assert!(e.reason.contains("empty dimension"), "{e}");
     }
 }

@@ -207,12 +207,19 @@ pub enum ShapeError {
     Rows { wanted: usize, have: usize },
     #[error("nothing to join")]
     Empty,
+    #[error("shape {shape:?} holds more elements than this machine can address")]
+    TooLarge { shape: Vec<usize> },
 }
 
 impl Tensor {
     /// A tensor, checking that the shape matches the data's length.
     pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Tensor, ShapeError> {
-        let expected: usize = shape.iter().product();
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| ShapeError::TooLarge {
+                shape: shape.clone(),
+            })?;
         if expected != data.len() {
             return Err(ShapeError::Length {
                 shape,
@@ -347,6 +354,12 @@ mod tests {
     fn new_checks_length() {
         assert!(Tensor::new(vec![2, 3], TensorData::F32(vec![0.0; 5])).is_err());
         assert!(Tensor::new(vec![2, 3], TensorData::F32(vec![0.0; 6])).is_ok());
+        // A product that overflows is an error, not a wrapped count that happens to match.
+        let huge = vec![1 << 32, 1 << 32, 0];
+        assert_eq!(
+            Tensor::new(huge.clone(), TensorData::F32(vec![])),
+            Err(ShapeError::TooLarge { shape: huge })
+        );
     }
 
     #[test]

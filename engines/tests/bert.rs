@@ -224,6 +224,13 @@ fn tokenizer_and_token_counter_agree_with_the_reference() {
     assert_eq!(count(&text_input(&["good"])), 3);
     // Not a text request: nothing to count.
     assert_eq!(count(&TensorMap::new()), 0);
+    // Texts longer than max_length tokens count as max_length, as `infer` truncates them;
+    // one long enough to surely reach it is not tokenized at all, same answer.
+    let max = engine.max_length();
+    let long = "the cat ".repeat(max);
+    assert_eq!(count(&text_input(&[&long])), max);
+    let huge = "the cat ".repeat(max * 100);
+    assert_eq!(count(&text_input(&[&huge, "the"])), max + 3);
 }
 
 #[test]

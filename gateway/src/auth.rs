@@ -16,6 +16,7 @@
 //!
 //! With auth off every caller is the local administrator (`local`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -364,10 +365,15 @@ fn authorize(
     Ok(())
 }
 
-/// The model a path names (its `{model}` segment), for the routes that have one.
-pub(crate) fn path_model<'a>(template: &str, path: &'a str) -> Option<&'a str> {
+/// The model a path names (its `{model}` segment, percent-decoded as the handlers'
+/// `Path` extractor decodes it), for the routes that have one. Matching the raw segment
+/// would let `/v2/models/team%41/infer` pass a `team*1`-style model rule and then be served
+/// as `teamA`. A segment that is not UTF-8 once decoded keeps U+FFFD in place of the bad
+/// bytes: no model name has that character, and the handler refuses such a path anyway.
+pub(crate) fn path_model<'a>(template: &str, path: &'a str) -> Option<Cow<'a, str>> {
     let idx = template.split('/').position(|s| s == "{model}")?;
-    path.split('/').nth(idx)
+    let segment = path.split('/').nth(idx)?;
+    Some(percent_encoding::percent_decode_str(segment).decode_utf8_lossy())
 }
 
 /// The access-control middleware (a route layer: it sees the matched route).
@@ -454,7 +460,7 @@ fn check_token(
 ) -> Result<Caller, ApiError> {
     let now = cohort_cluster::raft_actor::now_ms();
     let model = path_model(template, path);
-    authorize(token, access, model, ip, now)?;
+    authorize(token, access, model.as_deref(), ip, now)?;
     if access == Access::Infer {
         if let Some(rate) = token.rate_per_minute {
             state
@@ -533,9 +539,19 @@ mod tests {
                 "/v2/models/{model}/versions/{version}/infer",
                 "/v2/models/mlp/versions/1/infer"
             ),
-            Some("mlp")
+            Some("mlp".into())
         );
         assert_eq!(path_model("/v1/embeddings", "/v1/embeddings"), None);
+        // Decoded as the handlers decode it: the rules see the name that is served.
+        let infer = "/v2/models/{model}/infer";
+        assert_eq!(
+            path_model(infer, "/v2/models/team%41/infer"),
+            Some("teamA".into())
+        );
+        assert_eq!(
+            path_model(infer, "/v2/models/a%ff/infer"),
+            Some("a\u{fffd}".into())
+        );
     }
 
     #[test]

@@ -84,6 +84,8 @@ struct InferResponse<'a> {
 /// A request queued on a replica, waiting for its answer.
 pub(crate) struct Queued {
     replica: Arc<ReplicaShared>,
+    /// The request's tokens, for text models (0 otherwise).
+    pub(crate) tokens: usize,
     rx: oneshot::Receiver<Result<InferOutput, InferError>>,
     deadline: tokio::time::Instant,
     timeout_ms: u64,
@@ -204,6 +206,7 @@ fn enqueue(
     let replica = state.ctx.router.submit(model, replica, pending)?;
     Ok(Queued {
         replica,
+        tokens,
         rx,
         deadline: tokio::time::Instant::from_std(now + timeout),
         timeout_ms,

@@ -568,7 +568,9 @@ fn data_from_json(
     data: &Value,
     count: usize,
 ) -> Result<TensorData, ApiError> {
-    let mut flat = Vec::with_capacity(count);
+    // `count` comes from the client's shape: never allocate by it before the data is
+    // known to be that long (a shape of 10^12 with one element would abort the process).
+    let mut flat = Vec::new();
     leaves(name, data, 0, &mut flat)?;
     if flat.len() != count {
         return Err(bad(format!(
@@ -669,7 +671,8 @@ fn data_from_bytes(
         DType::U8 => TensorData::U8(fixed(name, raw, count, u8::from_le_bytes)?),
         DType::Bool => TensorData::Bool(fixed(name, raw, count, |[b]: [u8; 1]| b != 0)?),
         DType::String => {
-            let mut out = Vec::with_capacity(count);
+            // Each element takes at least its 4-byte length prefix.
+            let mut out = Vec::with_capacity(count.min(raw.len() / 4));
             let mut rest = raw;
             while !rest.is_empty() {
                 let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(|| {
@@ -1117,6 +1120,23 @@ mod tests {
         extra.push(0);
         assert!(parse_request(&headers(Some(&n)), &extra, 64).is_err());
         assert!(parse_request(&headers(None), json, 64).is_err());
+    }
+
+    #[test]
+    fn a_huge_shape_with_little_data_is_a_400_not_an_allocation() {
+        // 10^12 elements claimed, one given: reserving the claim would abort the process.
+        let body =
+            br#"{"inputs":[{"name":"x","shape":[1000000000000],"datatype":"FP32","data":[1]}]}"#;
+        let e = parse_request(&headers(None), body, 64).expect_err("count");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("1000000000000"), "{e}");
+        let json = br#"{"inputs":[{"name":"s","shape":[1000000000000],"datatype":"BYTES","parameters":{"binary_data_size":5}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(b"a");
+        let n = json.len().to_string();
+        let e = parse_request(&headers(Some(&n)), &body, 64).expect_err("count");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

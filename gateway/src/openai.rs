@@ -293,7 +293,7 @@ async fn run_embeddings(
     })?;
 
     // The model first: an unknown model is 404 whatever the rest says.
-    let (meta, counter) = {
+    let meta = {
         let table = state.ctx.router.snapshot();
         let route = table
             .get(model)
@@ -308,10 +308,9 @@ async fn run_embeddings(
                     "model {model:?} is not loaded: no replica has its metadata"
                 ))
             })?;
-        let meta = replica.metadata().cloned().ok_or_else(|| {
+        replica.metadata().cloned().ok_or_else(|| {
             ApiError::NoReplica(format!("model {model:?} has not finished loading"))
-        })?;
-        (meta, replica)
+        })?
     };
     let (input_name, output_name, width) = embedding_shape(&meta).ok_or_else(|| {
         invalid(
@@ -363,10 +362,9 @@ async fn run_embeddings(
     let tensor = Tensor::new(vec![n], TensorData::String(texts))
         .map_err(|e| ApiError::invalid(format!("cannot build the input tensor: {e}")))?;
     inputs.insert(input_name, tensor);
-    let tokens = counter.count_tokens(&inputs);
-
     // All strings as one request of n rows.
     let queued = inference::submit_tensors(state, model, inputs, None, &rid.0)?;
+    let tokens = queued.tokens;
     let out = inference::answer(queued).await?;
 
     let tensor = out.outputs.get(&output_name).ok_or_else(|| {

@@ -698,12 +698,13 @@ pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: N
     let status = res.status().as_u16();
     let path = uri.path();
     let tag = res.extensions().get::<ModelTag>();
-    let model: Option<&str> = match tag {
-        Some(t) => Some(&t.0),
+    let model: Option<std::borrow::Cow<'_, str>> = match tag {
+        Some(t) => Some(std::borrow::Cow::Borrowed(&t.0)),
         None => template
             .as_ref()
             .and_then(|t| crate::auth::path_model(t.as_str(), path)),
     };
+    let model = model.as_deref();
     let dialect = Dialect::of(path);
 
     // Only served models become label values: a client cannot grow the metrics by

@@ -12,6 +12,9 @@ use serde_json::Value;
 /// Deepest nesting accepted for one input.
 const MAX_RANK: usize = 8;
 
+/// Most elements reserved before an input's data has been read.
+const MAX_RESERVE: usize = 1 << 16;
+
 fn input_err(input: &str, reason: impl Into<String>) -> InputError {
     InputError {
         input: input.to_string(),
@@ -38,7 +41,14 @@ pub fn tensor_from_json(spec: &TensorSpec, value: &Value) -> Result<Tensor, Inpu
             None => break,
         }
     }
-    let count: usize = shape.iter().product();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| input_err(name, "has more elements than this machine can address"))?;
+    // The shape is read from the first element at each depth, before the array is known
+    // to be rectangular: a small body can claim 10^12 elements. Reserve at most
+    // `MAX_RESERVE` up front; `flatten` checks every level and the vector grows as it must.
+    let count = count.min(MAX_RESERVE);
     let mut data = match spec.dtype {
         DType::F32 => TensorData::F32(Vec::with_capacity(count)),
         DType::F64 => TensorData::F64(Vec::with_capacity(count)),
@@ -220,6 +230,31 @@ mod tests {
         assert_eq!(t.data, TensorData::F32(vec![1.0, 2.5, 3.0, 4.0, 5.0, 6.0]));
         let t = tensor_from_json(&spec(DType::String), &json!(["a", "b"])).unwrap();
         assert_eq!(t.shape, vec![2]);
+    }
+
+    /// Nested `levels` deep: the first element at each depth is a list of `width`, every
+    /// other element is a bare 0. A body of a few KB whose first elements claim
+    /// `width^levels` elements.
+    fn claiming(levels: usize, width: usize) -> Value {
+        let mut v = json!(0);
+        for _ in 0..levels {
+            let mut items = vec![v];
+            items.resize(width, json!(0));
+            v = Value::Array(items);
+        }
+        v
+    }
+
+    #[test]
+    fn a_small_body_claiming_a_huge_shape_is_refused_without_allocating_it() {
+        let spec = TensorSpec::new("x", DType::F32, &[-1, -1, -1]);
+        // 10^12 elements claimed: reserving them would abort the process.
+        let e = tensor_from_json(&spec, &claiming(3, 10_000)).unwrap_err();
+        assert!(e.reason.contains("rectangular"), "{}", e.reason);
+        // 256^8 = 2^64 overflows the element count.
+        let spec = TensorSpec::new("x", DType::F32, &[-1; 8]);
+        let e = tensor_from_json(&spec, &claiming(8, 256)).unwrap_err();
+        assert!(e.reason.contains("address"), "{}", e.reason);
     }
 
     #[test]

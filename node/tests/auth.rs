@@ -246,6 +246,24 @@ async fn the_auth_matrix() {
         .call(Method::GET, "/v2/models/mlp", Some(&user), None)
         .await;
     assert_eq!(s, 403);
+    // Model rules see the decoded name, as the handlers do: `ml%70` is `mlp`, which `*0`
+    // does not allow, although the raw segment ends in 0.
+    let (_, zero) = a
+        .create(json!({"name": "zero", "role": "user", "allowed_models": ["*0"]}))
+        .await;
+    for path in [
+        "/api/v1/models/ml%70/infer",
+        "/v2/models/ml%70/infer",
+        "/v2/models/ml%70/versions/1/infer",
+    ] {
+        let body = json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}]});
+        let (s, _, b) = a.call(Method::POST, path, Some(&zero), Some(body)).await;
+        assert_eq!(s, 403, "{path}: {b}");
+    }
+    let (s, _, b) = a
+        .call(Method::GET, "/v2/models/ml%70", Some(&zero), None)
+        .await;
+    assert_eq!(s, 403, "{b}");
     // Admin endpoints refuse a user token.
     for (m, path, body) in [
         (Method::GET, "/api/v1/tokens", None),

@@ -204,6 +204,23 @@ async fn sentence_embeddings_over_http_match_numpy_and_respect_the_token_budget(
         max_batch <= 5,
         "token budget exceeded: batch of {max_batch}"
     );
+
+    // Over 64 KiB of text: its tokens are counted off the async scheduler, and the text,
+    // though over the token budget alone, is served (truncated to max_length).
+    let long = "the cat sat on the mat. ".repeat(4000);
+    let (s, _, b) = n
+        .infer(
+            "tinybert",
+            &json!({"inputs": {"text": [long, sentences[0]]}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let rows = b["outputs"]["embedding"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(floats(&rows[0]).len(), floats(&embeddings[0]).len());
+    let first = floats(&rows[1]);
+    let want = floats(&embeddings[0]);
+    assert!(first.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4));
     n.node.shutdown().await;
 }
 
