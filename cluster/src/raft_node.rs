@@ -114,6 +114,7 @@ pub struct RaftNode {
 fn touches_tokens(command: &Command) -> bool {
     match command {
         Command::UpsertToken(_)
+        | Command::UpdateToken { .. }
         | Command::RevokeToken { .. }
         | Command::RecordTokenUsage { .. } => true,
         Command::Audited { command, .. } => touches_tokens(command),

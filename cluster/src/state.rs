@@ -441,6 +441,17 @@ pub enum Command {
         /// Its part.
         role: NodeRole,
     },
+    /// Changes an existing token from `before` to `after` (usage counts kept), only if its
+    /// settings are still `before`: a change made in between (on another node, or one this
+    /// node had not applied yet when it read the token) is a conflict, not lost. Refused
+    /// for a revoked token. (Appended last: entries already in logs keep their variant
+    /// numbers.)
+    UpdateToken {
+        /// The token as it was read.
+        before: Box<TokenRecord>,
+        /// The token as it should be.
+        after: Box<TokenRecord>,
+    },
 }
 
 /// A command as proposed through Raft.
@@ -657,6 +668,7 @@ impl ClusterState {
                 self.set_assignments(model, assignments)
             }
             Command::UpsertToken(token) => self.upsert_token(token, now),
+            Command::UpdateToken { before, after } => self.update_token(before, after, now),
             Command::RevokeToken { id } => self.revoke_token(id, now),
             Command::RecordTokenUsage { id, amount } => self.record_token_usage(id, *amount, now),
             Command::Audited { meta, command } => {
@@ -934,6 +946,33 @@ impl ClusterState {
         }
         self.tokens.insert(token.id.clone(), token);
         ApplyOutcome::Applied
+    }
+
+    fn update_token(
+        &mut self,
+        before: &TokenRecord,
+        after: &TokenRecord,
+        now: u64,
+    ) -> ApplyOutcome {
+        if before.id != after.id {
+            return invalid(format!(
+                "a token update cannot change its id ({:?} to {:?})",
+                before.id, after.id
+            ));
+        }
+        let Some(current) = self.tokens.get(&before.id) else {
+            return not_found(Entity::Token, &before.id);
+        };
+        // Usage counts change with every request; they are not settings.
+        let settings = |t: &TokenRecord| TokenRecord {
+            used: 0,
+            used_month: 0,
+            ..t.clone()
+        };
+        if settings(current) != settings(before) {
+            return conflict(format!("token {:?} changed since it was read", before.id));
+        }
+        self.upsert_token(after, now)
     }
 
     fn revoke_token(&mut self, id: &str, now: u64) -> ApplyOutcome {

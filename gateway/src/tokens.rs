@@ -53,7 +53,7 @@ fn view(t: &TokenRecord, now: u64) -> Value {
 
 /// The fields a create or a change may set. For a change, an absent field stays as it
 /// is, and `null` clears a limit.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokenBody {
     /// A name for people (required on create).
@@ -311,10 +311,6 @@ pub async fn update(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = parse_body(&state, &headers, body)?;
-    let mut t = get_token(&state, &id)?;
-    if t.status == TokenStatus::Revoked {
-        return Err(ApiError::invalid(format!("token {id:?} is revoked")));
-    }
     let now = cohort_cluster::raft_actor::now_ms();
     let detail = json!({
         "status": body.status,
@@ -332,16 +328,45 @@ pub async fn update(
         Some("active") => "token.resume",
         _ => "token.update",
     };
-    body.apply(&mut t, now, false)?;
-    let meta = caller.audit(&rid, action, &id, detail);
-    let committed = cluster(&state)?
-        .propose_audited(Command::UpsertToken(t), meta, CLUSTER_TIMEOUT)
-        .await
-        .map_err(cluster_err)?;
-    outcome(committed.outcome)?;
-    let t = get_token(&state, &id)?;
-    Ok(json_response(&view(&t, now)))
+    // Read, change, and commit only if nobody changed the token in between (this node's
+    // copy may also lag the cluster's): on a conflict, read again (the refused entry has
+    // been applied here, so the copy is now at least as new) and redo the change.
+    for _ in 0..UPDATE_ATTEMPTS {
+        let before = get_token(&state, &id)?;
+        if before.status == TokenStatus::Revoked {
+            return Err(ApiError::invalid(format!("token {id:?} is revoked")));
+        }
+        let mut after = before.clone();
+        body.clone().apply(&mut after, now, false)?;
+        let meta = caller.audit(&rid, action, &id, detail.clone());
+        let committed = cluster(&state)?
+            .propose_audited(
+                Command::UpdateToken {
+                    before: Box::new(before),
+                    after: Box::new(after),
+                },
+                meta,
+                CLUSTER_TIMEOUT,
+            )
+            .await
+            .map_err(cluster_err)?;
+        if matches!(
+            committed.outcome,
+            ApplyOutcome::Rejected(Rejection::Conflict(_))
+        ) {
+            continue;
+        }
+        outcome(committed.outcome)?;
+        let t = get_token(&state, &id)?;
+        return Ok(json_response(&view(&t, now)));
+    }
+    Err(ApiError::Overloaded(format!(
+        "token {id:?} kept changing while this update was tried {UPDATE_ATTEMPTS} times; try again"
+    )))
 }
+
+/// How often a token update is tried when other changes keep getting in first.
+const UPDATE_ATTEMPTS: usize = 16;
 
 /// `DELETE /api/v1/tokens/{id}`: revokes the token for good.
 #[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",

@@ -246,6 +246,42 @@ async fn the_auth_matrix() {
         .call(Method::GET, "/v2/models/mlp", Some(&user), None)
         .await;
     assert_eq!(s, 403);
+    // Changes to different fields sent at once all land: none is overwritten by an
+    // update made from an older copy of the token.
+    let (pid, _) = a.create(json!({"name": "patched"})).await;
+    let path = format!("/api/v1/tokens/{pid}");
+    let changes = [
+        json!({"rate_per_minute": 77}),
+        json!({"monthly_quota": 99}),
+        json!({"name": "renamed"}),
+        json!({"allowed_models": ["x*"]}),
+        json!({"ip_allow": ["10.1.0.0/16"]}),
+        json!({"expires_in_s": 86400}),
+    ];
+    let patch = |i: usize| {
+        a.call(
+            Method::PATCH,
+            &path,
+            Some(&a.admin),
+            Some(changes[i].clone()),
+        )
+    };
+    let answers = tokio::join!(patch(0), patch(1), patch(2), patch(3), patch(4), patch(5));
+    let answers = [
+        answers.0, answers.1, answers.2, answers.3, answers.4, answers.5,
+    ];
+    for (s, _, b) in &answers {
+        assert_eq!(*s, 200, "{b}");
+    }
+    let (s, _, t) = a.call(Method::GET, &path, Some(&a.admin), None).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["rate_per_minute"], 77, "{t}");
+    assert_eq!(t["monthly_quota"], 99, "{t}");
+    assert_eq!(t["name"], "renamed", "{t}");
+    assert_eq!(t["allowed_models"], json!(["x*"]), "{t}");
+    assert_eq!(t["ip_allow"], json!(["10.1.0.0/16"]), "{t}");
+    assert!(t["expires_at_ms"].is_u64(), "{t}");
+
     // Model rules see the decoded name, as the handlers do: `ml%70` is `mlp`, which `*0`
     // does not allow, although the raw segment ends in 0.
     let (_, zero) = a

@@ -561,6 +561,73 @@ fn the_audit_log_is_bounded() {
     assert_eq!(d.state.audit_seq, (AUDIT_CAPACITY + 5) as u64);
 }
 
+fn update(before: TokenRecord, after: TokenRecord) -> Command {
+    Command::UpdateToken {
+        before: Box::new(before),
+        after: Box::new(after),
+    }
+}
+
+#[test]
+fn a_token_update_applies_only_to_the_settings_it_read() {
+    let mut d = populated();
+    d.run(Command::UpsertToken(token("t1")));
+    let read = d.state.tokens["t1"].clone();
+    // Usage counted since the read is not a conflict, and is kept.
+    d.run(Command::RecordTokenUsage {
+        id: "t1".into(),
+        amount: 3,
+    });
+    let mut renamed = read.clone();
+    renamed.name = "renamed".into();
+    assert_eq!(
+        d.run(update(read.clone(), renamed.clone())),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(d.state.tokens["t1"].name, "renamed");
+    assert_eq!(d.state.tokens["t1"].used, 3);
+    // A second update made from the same (now old) read would undo the rename: refused.
+    let mut paused = read.clone();
+    paused.status = TokenStatus::Paused;
+    assert!(matches!(
+        rejected(&d.run(update(read, paused.clone()))),
+        Rejection::Conflict(_)
+    ));
+    assert_eq!(d.state.tokens["t1"].name, "renamed");
+    assert_eq!(d.state.tokens["t1"].status, TokenStatus::Active);
+    // Read again, it applies, and keeps the rename.
+    let mut paused = d.state.tokens["t1"].clone();
+    paused.status = TokenStatus::Paused;
+    let before = d.state.tokens["t1"].clone();
+    assert_eq!(d.run(update(before, paused)), ApplyOutcome::Applied);
+    assert_eq!(d.state.tokens["t1"].name, "renamed");
+    assert_eq!(d.state.tokens["t1"].status, TokenStatus::Paused);
+    // No such token; an id that changes; a revoked token.
+    let ghost = token("t9");
+    assert!(matches!(
+        rejected(&d.run(update(ghost.clone(), ghost))),
+        Rejection::NotFound { .. }
+    ));
+    let before = d.state.tokens["t1"].clone();
+    assert!(matches!(
+        rejected(&d.run(update(before.clone(), token("t2")))),
+        Rejection::Invalid(_)
+    ));
+    d.run(Command::RevokeToken { id: "t1".into() });
+    let revoked = d.state.tokens["t1"].clone();
+    assert!(matches!(
+        rejected(&d.run(update(
+            revoked.clone(),
+            TokenRecord {
+                status: TokenStatus::Active,
+                ..revoked
+            }
+        ))),
+        Rejection::Conflict(_)
+    ));
+    assert_eq!(d.state.tokens["t1"].status, TokenStatus::Revoked);
+}
+
 #[test]
 fn tokens_upsert_usage_revoke() {
     let mut d = populated();
@@ -886,7 +953,7 @@ fn mixed_commands(seed: u64, n: usize) -> Vec<CommandEnvelope> {
         let model_name = rng.pick(&models).to_string();
         let epoch = rng.next() % 4;
         let now = T0 + (i as u64) * 1000;
-        let command = match rng.next() % 18 {
+        let command = match rng.next() % 19 {
             0 => Command::UpsertNode(node(node_id, rng.pick(&names))),
             1 => Command::SetNodeStatus {
                 id: node_id,
@@ -927,6 +994,12 @@ fn mixed_commands(seed: u64, n: usize) -> Vec<CommandEnvelope> {
                 amount: rng.next() % 10,
             },
             16 => Command::Audit(meta("model.scale", &model_name)),
+            17 => {
+                let before = token(rng.pick(&names));
+                let mut after = before.clone();
+                after.rate_per_minute = Some((rng.next() % 100) as u32);
+                update(before, after)
+            }
             _ => Command::Audited {
                 meta: meta("token.pause", rng.pick(&names)),
                 command: Box::new(Command::UpsertToken(token(rng.pick(&names)))),
