@@ -183,11 +183,14 @@ pub async fn start(
     supervisor: Option<ActorCell>,
 ) -> Result<ClusterAgent, ClusterError> {
     let id = node_id(&config.data_dir)?;
-    let storage = SledStorage::open(config.data_dir.join("raft"), id)?;
     let bootstrap = config.join.is_none().then(|| vec![id]);
     let mut settings = RaftSettings::new(id);
     settings.snapshot_threshold = config.snapshot_threshold;
-    let node = RaftNode::open(&settings, storage, bootstrap)?;
+    // Opening sled reads the log from disk and may wait for the previous owner's lock.
+    let node = crate::blocking(|| {
+        let storage = SledStorage::open(config.data_dir.join("raft"), id)?;
+        RaftNode::open(&settings, storage, bootstrap)
+    })?;
 
     let spawn_err = |what: &str, e: ractor::SpawnErr| {
         ClusterError::Unavailable(format!("cannot start {what}: {e}"))

@@ -624,7 +624,13 @@ impl Actor for RaftActor {
             }
             RaftMsg::Ready => {
                 state.ready_scheduled = false;
-                state.run_ready()?;
+                // Persists entries and hard state with an fsync each, and applies committed
+                // entries: blocking work, kept off the async scheduler.
+                if state.node.has_ready() {
+                    crate::blocking(|| state.run_ready())?;
+                } else {
+                    state.run_ready()?;
+                }
             }
             RaftMsg::Propose { env, reply } => {
                 state.propose_local(env, reply);

@@ -378,6 +378,11 @@ impl RaftNode {
         }
     }
 
+    /// Whether raft-rs has something to persist, send or apply.
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
     /// Processes whatever Raft has ready: persists, applies, and returns the messages
     /// to send to other members.
     pub fn on_ready(&mut self) -> Result<Vec<Message>, ClusterError> {
