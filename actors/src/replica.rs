@@ -272,9 +272,8 @@ impl ReplicaShared {
     }
 
     /// Counts a request's tokens, for text models. Called from request handlers: for a
-    /// request with more than [`BLOCKING_TEXT_BYTES`] of text, on a multi-threaded tokio
-    /// runtime, the tokenizer runs under `block_in_place`, so that the worker's other tasks
-    /// move to another worker instead of waiting behind it.
+    /// request with more than [`BLOCKING_TEXT_BYTES`] of text the tokenizer runs under
+    /// [`cohort_cluster::blocking`], so that the worker's other tasks do not wait behind it.
     pub fn count_tokens(&self, inputs: &TensorMap) -> usize {
         let Some(count) = self.token_counter.get() else {
             return 0;
@@ -286,10 +285,8 @@ impl ReplicaShared {
                 _ => 0,
             })
             .sum();
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if text > BLOCKING_TEXT_BYTES && multi_thread {
-            tokio::task::block_in_place(|| count(inputs))
+        if text > BLOCKING_TEXT_BYTES {
+            cohort_cluster::blocking(|| count(inputs))
         } else {
             count(inputs)
         }

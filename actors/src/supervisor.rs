@@ -806,7 +806,6 @@ fn register_models(cluster: cohort_cluster::ClusterHandle, models: Vec<ModelConf
     });
 }
 
-/// Bytes of a file, or of every file under a directory (a model's size on disk).
 /// The default intra-op threads of an ONNX replica: the node's cores shared among its ONNX
 /// replicas on the CPU, so that they do not oversubscribe it, at least 1. `auto` counts as
 /// the CPU on a node without a GPU, where it always lands.

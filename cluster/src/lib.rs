@@ -65,11 +65,12 @@ pub use state::{
 pub use storage::SledStorage;
 pub use tokens::{MintedSecret, TokenKey};
 
-/// Runs blocking work (disk writes with fsync, opening the store) from async code: under
+/// Runs blocking work (disk writes with fsync, opening the store, tokenizing a long text)
+/// from async code: under
 /// `block_in_place` on a multi-threaded tokio runtime, so that the worker's other tasks
 /// move to another worker instead of waiting; inline elsewhere (a current-thread runtime,
 /// or no runtime), where there is no other worker to hand them to.
-pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if multi_thread {

@@ -37,7 +37,9 @@ use cohort_config::{EngineKind, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 pub use device::{Device, DeviceInfo};
-pub use tensor::{concat_maps, split_map, DType, ShapeError, Tensor, TensorData, TensorMap};
+pub use tensor::{
+    concat_maps, element_count, split_map, DType, ShapeError, Tensor, TensorData, TensorMap,
+};
 
 /// What can go wrong in an engine.
 #[derive(Debug, thiserror::Error)]

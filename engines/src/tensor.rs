@@ -211,15 +211,17 @@ pub enum ShapeError {
     TooLarge { shape: Vec<usize> },
 }
 
+/// The elements a shape holds; `None` when the product does not fit in a `usize`.
+pub fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 impl Tensor {
     /// A tensor, checking that the shape matches the data's length.
     pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Tensor, ShapeError> {
-        let expected = shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| ShapeError::TooLarge {
-                shape: shape.clone(),
-            })?;
+        let expected = element_count(&shape).ok_or_else(|| ShapeError::TooLarge {
+            shape: shape.clone(),
+        })?;
         if expected != data.len() {
             return Err(ShapeError::Length {
                 shape,

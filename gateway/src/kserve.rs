@@ -518,20 +518,19 @@ fn bool_param(params: &Option<Map<String, Value>>, key: &str) -> Result<Option<b
 
 /// The shape as sizes, and the element count it holds.
 fn shape_of(input: &InputTensor) -> Result<(Vec<usize>, usize), ApiError> {
-    let mut count: usize = 1;
-    let mut dims = Vec::with_capacity(input.shape.len());
-    for &d in &input.shape {
-        let d = usize::try_from(d).map_err(|_| {
+    let dims = input
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
             bad(format!(
                 "input {:?}: shape {:?} has a negative dimension",
                 input.name, input.shape
             ))
         })?;
-        count = count
-            .checked_mul(d)
-            .ok_or_else(|| bad(format!("input {:?}: shape is too large", input.name)))?;
-        dims.push(d);
-    }
+    let count = cohort_engines::element_count(&dims)
+        .ok_or_else(|| bad(format!("input {:?}: shape is too large", input.name)))?;
     Ok((dims, count))
 }
 
@@ -1049,6 +1048,16 @@ pub async fn infer(
 mod tests {
     use super::*;
 
+    /// A binary-extension body: `json`, then `tail`; with the header value that says where
+    /// the JSON ends.
+    fn binary_body(json: &[u8], tail: &[&[u8]]) -> (Vec<u8>, String) {
+        let mut body = json.to_vec();
+        for part in tail {
+            body.extend_from_slice(part);
+        }
+        (body, json.len().to_string())
+    }
+
     fn headers(n: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
         if let Some(n) = n {
@@ -1099,14 +1108,17 @@ mod tests {
     #[test]
     fn binary_inputs_and_bytes() {
         let json = br#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"s","shape":[2],"datatype":"BYTES","parameters":{"binary_data_size":11}}]}"#;
-        let mut body = json.to_vec();
-        body.extend_from_slice(&1.5f32.to_le_bytes());
-        body.extend_from_slice(&(-2.0f32).to_le_bytes());
-        body.extend_from_slice(&2u32.to_le_bytes());
-        body.extend_from_slice(b"hi");
-        body.extend_from_slice(&1u32.to_le_bytes());
-        body.extend_from_slice(b"!");
-        let n = json.len().to_string();
+        let (body, n) = binary_body(
+            json,
+            &[
+                &1.5f32.to_le_bytes(),
+                &(-2.0f32).to_le_bytes(),
+                &2u32.to_le_bytes(),
+                b"hi",
+                &1u32.to_le_bytes(),
+                b"!",
+            ],
+        );
         let r = parse_request(&headers(Some(&n)), &body, 64).expect("valid");
         assert_eq!(r.inputs["x"].data, TensorData::F32(vec![1.5, -2.0]));
         assert_eq!(
@@ -1131,10 +1143,7 @@ mod tests {
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert!(e.to_string().contains("1000000000000"), "{e}");
         let json = br#"{"inputs":[{"name":"s","shape":[1000000000000],"datatype":"BYTES","parameters":{"binary_data_size":5}}]}"#;
-        let mut body = json.to_vec();
-        body.extend_from_slice(&1u32.to_le_bytes());
-        body.extend_from_slice(b"a");
-        let n = json.len().to_string();
+        let (body, n) = binary_body(json, &[&1u32.to_le_bytes(), b"a"]);
         let e = parse_request(&headers(Some(&n)), &body, 64).expect_err("count");
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }
@@ -1147,10 +1156,7 @@ mod tests {
         assert!(e.to_string().contains("max_json_depth"), "{e}");
         // The binary tail is all brackets: only the JSON part counts.
         let json = br#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":12}}]}"#;
-        let mut body = json.to_vec();
-        body.extend_from_slice(&8u32.to_le_bytes());
-        body.extend_from_slice(b"[[[[{{{{");
-        let n = json.len().to_string();
+        let (body, n) = binary_body(json, &[&8u32.to_le_bytes(), b"[[[[{{{{"]);
         let r = parse_request(&headers(Some(&n)), &body, 4).expect("shallow JSON");
         assert_eq!(
             r.inputs["s"].data,

@@ -27,6 +27,7 @@
 //! - Latency is measured from the router's view: routing to response headers (for a
 //!   stream, the time to its first byte).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -698,8 +699,8 @@ pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: N
     let status = res.status().as_u16();
     let path = uri.path();
     let tag = res.extensions().get::<ModelTag>();
-    let model: Option<std::borrow::Cow<'_, str>> = match tag {
-        Some(t) => Some(std::borrow::Cow::Borrowed(&t.0)),
+    let model: Option<Cow<'_, str>> = match tag {
+        Some(t) => Some(Cow::Borrowed(&t.0)),
         None => template
             .as_ref()
             .and_then(|t| crate::auth::path_model(t.as_str(), path)),

@@ -5,7 +5,7 @@
 //! be of that type (numbers for floats, integers for integer types, booleans, strings).
 //! Outputs are written as nested arrays with `f32` values printed in their shortest form.
 
-use cohort_engines::{DType, InputError, Tensor, TensorData, TensorSpec};
+use cohort_engines::{element_count, DType, InputError, Tensor, TensorData, TensorSpec};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
@@ -41,9 +41,7 @@ pub fn tensor_from_json(spec: &TensorSpec, value: &Value) -> Result<Tensor, Inpu
             None => break,
         }
     }
-    let count = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
+    let count = element_count(&shape)
         .ok_or_else(|| input_err(name, "has more elements than this machine can address"))?;
     // The shape is read from the first element at each depth, before the array is known
     // to be rectangular: a small body can claim 10^12 elements. Reserve at most
