@@ -22,6 +22,10 @@ It writes, into OUTDIR (created if missing):
   about 25M parameters stored as initializers (~100 MB). For throughput benchmarks.
 - `multi_dtype.onnx`: one input per element type (f64, f16, i64, i32, i8, u8, bool), each
   [N, 3], with simple ops (Add, Cast, Not, Greater, Identity) and outputs of those types.
+- `unbatched.onnx`: a model whose requests cannot share an engine call. Inputs `x` float32
+  [1, 3] (a fixed first dimension, as in a static batch-1 export), `k` float32 [] (a scalar)
+  and `z` float32 with no declared shape. Outputs `y` = x * k [1, 3], `total` = sum of x []
+  (a scalar) and `z1` = z + 1 (no declared shape).
 - `reference.json`: for fixed inputs, the expected outputs of every model written, computed
   with NumPy only (matmul + bias + relu, casts, ...): an implementation independent of ONNX
   Runtime. Layout:
@@ -72,6 +76,7 @@ DTYPE_NAMES = {
 
 
 def tensor_json(a):
+    shape = list(np.shape(a))  # before ascontiguousarray, which makes a scalar 1-d
     a = np.ascontiguousarray(a)
     name = DTYPE_NAMES[a.dtype]
     flat = a.reshape(-1)
@@ -85,11 +90,12 @@ def tensor_json(a):
         data = [bool(v) for v in flat]
     else:
         data = [int(v) for v in flat]
-    return {"dtype": name, "shape": list(a.shape), "data": data}
+    return {"dtype": name, "shape": shape, "data": data}
 
 
-def save(model, path):
-    onnx.checker.check_model(model)
+def save(model, path, check=True):
+    if check:
+        onnx.checker.check_model(model)
     onnx.save(model, path)
 
 
@@ -269,6 +275,50 @@ def multi_dtype_cases(seed):
     return cases
 
 
+def unbatched_model():
+    vi = helper.make_tensor_value_info
+    F = TensorProto.FLOAT
+    inputs = [vi("x", F, [1, 3]), vi("k", F, []), vi("z", F, None)]
+    outputs = [vi("y", F, [1, 3]), vi("total", F, []), vi("z1", F, None)]
+    inits = [numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")]
+    mk = helper.make_node
+    nodes = [
+        mk("Mul", ["x", "k"], ["y"]),
+        mk("ReduceSum", ["x"], ["total"], keepdims=0),
+        mk("Add", ["z", "one"], ["z1"]),
+    ]
+    graph = helper.make_graph(nodes, "unbatched", inputs, outputs, initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="cohort-make_onnx_models",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
+def unbatched_cases(seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    # z takes any shape: the model declares none.
+    for z_shape in ((2, 2), (3,), (1, 2, 2), (5,)):
+        x = rng.standard_normal((1, 3)).astype(np.float32)
+        k = np.array(rng.standard_normal(), dtype=np.float32)
+        z = rng.standard_normal(z_shape).astype(np.float32)
+        out = {
+            "y": x * k,
+            "total": np.array(x.astype(np.float64).sum(), dtype=np.float32),
+            "z1": z + np.float32(1.0),
+        }
+        cases.append(
+            {
+                "inputs": {"x": tensor_json(x), "k": tensor_json(k), "z": tensor_json(z)},
+                "outputs": {n: tensor_json(v) for n, v in out.items()},
+            }
+        )
+    return cases
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("outdir", help="directory to write the models and reference.json into")
@@ -294,6 +344,11 @@ def main():
 
     save(multi_dtype_model(), os.path.join(args.outdir, "multi_dtype.onnx"))
     models["multi_dtype"] = {"file": "multi_dtype.onnx", "cases": multi_dtype_cases(seed=13)}
+
+    # Not checked: ONNX's checker asks every graph input and output for a shape, but models
+    # exported without one exist, and ONNX Runtime runs them.
+    save(unbatched_model(), os.path.join(args.outdir, "unbatched.onnx"), check=False)
+    models["unbatched"] = {"file": "unbatched.onnx", "cases": unbatched_cases(seed=14)}
 
     with open(os.path.join(args.outdir, "reference.json"), "w") as fh:
         json.dump({"models": models}, fh)

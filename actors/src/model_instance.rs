@@ -120,7 +120,8 @@ impl Actor for ModelInstance {
             return Ok(());
         }
         // Stopped on purpose: drain the queue, then wait for the engine thread to finish.
-        state.shared.set_state(ReplicaState::Draining);
+        // If the engine dies while draining, what is left in the queue is moved to another
+        // replica by the supervisor when it forgets this one.
         state.shared.close();
         if let Some(thread) = state.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

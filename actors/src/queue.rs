@@ -184,15 +184,18 @@ impl<T: QueueItem> RequestQueue<T> {
             let Some((_, head)) = self.lanes[lane].front() else {
                 break;
             };
-            if head.cancelled() {
-                if let Some(it) = self.pop(lane) {
-                    taken.cancelled.push(it);
-                }
-                continue;
-            }
+            // Expired first: the caller's timer gives up at the deadline, so a request that
+            // timed out in the queue usually looks cancelled too, and it must count as a
+            // timeout.
             if head.deadline() <= now {
                 if let Some(it) = self.pop(lane) {
                     taken.expired.push(it);
+                }
+                continue;
+            }
+            if head.cancelled() {
+                if let Some(it) = self.pop(lane) {
+                    taken.cancelled.push(it);
                 }
                 continue;
             }
@@ -432,6 +435,19 @@ mod tests {
         assert_eq!(names(&taken.expired), vec!["expired"]);
         assert_eq!(names(&taken.cancelled), vec!["gone"]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_request_whose_caller_gave_up_at_its_deadline_counts_as_expired() {
+        let t0 = Instant::now();
+        let mut q = RequestQueue::new(10, Duration::from_secs(1));
+        let mut timed_out = item("timed-out", Priority::Normal, t0);
+        timed_out.deadline = t0 + Duration::from_millis(5);
+        timed_out.cancelled = true;
+        q.push(timed_out).unwrap();
+        let taken = q.take_batch(t0 + Duration::from_millis(10), 8, 0);
+        assert_eq!(names(&taken.expired), vec!["timed-out"]);
+        assert!(taken.cancelled.is_empty());
     }
 
     #[test]

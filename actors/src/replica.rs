@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,9 @@ pub struct ReplicaShared {
     /// The device the replica is pinned to.
     pub device: Device,
     batching: BatchingConfig,
+    /// Whether requests may share an engine call ([`ModelMetadata::batchable`]); set when
+    /// the engine loads.
+    batchable: AtomicBool,
     state: AtomicU8,
     queue: Mutex<QueueState>,
     wake: Condvar,
@@ -215,6 +218,7 @@ impl ReplicaShared {
             version: model.version.clone(),
             device,
             batching: model.batching.clone(),
+            batchable: AtomicBool::new(true),
             state: AtomicU8::new(ReplicaState::Loading as u8),
             queue: Mutex::new(QueueState {
                 queue: RequestQueue::new(capacity, aging),
@@ -254,6 +258,16 @@ impl ReplicaShared {
     /// Whether the router may send it requests.
     pub fn is_ready(&self) -> bool {
         self.state() == ReplicaState::Ready
+    }
+
+    /// The most rows one engine call takes: `max_batch_size`, or 1 for a model whose
+    /// requests cannot share a call.
+    pub fn max_rows(&self) -> usize {
+        if self.batchable.load(Ordering::Relaxed) {
+            self.batching.max_batch_size.max(1)
+        } else {
+            1
+        }
     }
 
     /// Requests waiting in the queue.
@@ -313,7 +327,17 @@ impl ReplicaShared {
 
     /// Queues a request. Fails at once, handing the request back, when the queue is full
     /// or the replica is closing.
-    pub fn submit(&self, mut p: Pending) -> Result<(), Box<(InferError, Pending)>> {
+    pub fn submit(&self, p: Pending) -> Result<(), Box<(InferError, Pending)>> {
+        self.enqueue(p, true)
+    }
+
+    /// Queues a request that waited in another replica's queue, keeping the time it was
+    /// first queued (for its priority's aging and the queue-delay figures).
+    pub(crate) fn requeue(&self, p: Pending) -> Result<(), Box<(InferError, Pending)>> {
+        self.enqueue(p, false)
+    }
+
+    fn enqueue(&self, mut p: Pending, fresh: bool) -> Result<(), Box<(InferError, Pending)>> {
         let mut q = lock(&self.queue);
         if q.closing {
             drop(q);
@@ -323,7 +347,9 @@ impl ReplicaShared {
             };
             return Err(Box::new((err, p)));
         }
-        p.enqueued = Instant::now();
+        if fresh {
+            p.enqueued = Instant::now();
+        }
         let rows_before = q.queue.rows();
         let was_empty = q.queue.is_empty();
         match q.queue.push(p) {
@@ -334,7 +360,7 @@ impl ReplicaShared {
                 // `max_batch_size` rows: only the first request and the one that fills the
                 // batch can change what it does. Waking it for the others would cost a
                 // syscall and a context switch per request for nothing.
-                let max = self.batching.max_batch_size.max(1);
+                let max = self.max_rows();
                 let wake = was_empty || (rows_before < max && q.queue.rows() >= max);
                 drop(q);
                 if wake {
@@ -354,10 +380,29 @@ impl ReplicaShared {
         }
     }
 
-    /// Stops taking requests; the engine thread finishes the queue, then exits.
+    /// Stops taking requests and marks the replica draining; the engine thread finishes
+    /// the queue, then exits. The state changes under the queue's lock, so an engine that
+    /// finishes loading at the same moment cannot mark the replica ready again.
     pub(crate) fn close(&self) {
-        lock(&self.queue).closing = true;
+        let mut q = lock(&self.queue);
+        q.closing = true;
+        self.set_state(ReplicaState::Draining);
+        drop(q);
         self.wake.notify_all();
+    }
+
+    /// Marks the replica ready after its engine loaded, unless it is closing (it was
+    /// scaled down meanwhile): then it stays draining. Returns whether it is ready.
+    fn mark_loaded(&self) -> bool {
+        let q = lock(&self.queue);
+        let state = if q.closing {
+            ReplicaState::Draining
+        } else {
+            ReplicaState::Ready
+        };
+        self.set_state(state);
+        drop(q);
+        state == ReplicaState::Ready
     }
 
     /// Takes requests again (a restarted replica).
@@ -365,17 +410,21 @@ impl ReplicaShared {
         lock(&self.queue).closing = false;
     }
 
-    /// Answers every queued request with `err` (the replica was given up on).
-    pub(crate) fn fail_queued(&self, err: InferError) {
-        let items = {
-            let mut q = lock(&self.queue);
-            let items = q.queue.drain_all();
-            self.queued.store(0, Ordering::Relaxed);
-            items
-        };
-        for p in items {
-            let _ = p.reply.send(Err(err.clone()));
-        }
+    /// Closes the queue and takes out everything still waiting in it: the replica is going
+    /// away and its engine will not serve them (the supervisor moves them to another
+    /// replica, or answers them).
+    pub(crate) fn close_and_take(&self) -> Vec<Pending> {
+        let mut q = lock(&self.queue);
+        q.closing = true;
+        let items = q.queue.drain_all();
+        self.queued.store(0, Ordering::Relaxed);
+        items
+    }
+
+    /// Answers a request that no replica will serve, counting it as failed here.
+    pub(crate) fn refuse(&self, p: Pending, err: InferError) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let _ = p.reply.send(Err(err));
     }
 
     /// A view for the API.
@@ -413,7 +462,7 @@ impl ReplicaShared {
 
     /// Blocks until a batch is due; `None` once closing and empty.
     fn next_batch(&self) -> Option<Taken<Pending>> {
-        let max = self.batching.max_batch_size.max(1);
+        let max = self.max_rows();
         let delay = Duration::from_micros(self.batching.max_queue_delay_us);
         let mut q = lock(&self.queue);
         loop {
@@ -511,6 +560,12 @@ fn engine_thread(
             );
         }
     } else {
+        if !meta.batchable() {
+            tracing::info!(
+                "requests run one at a time: not every input and output of the model has a dynamic first (batch) dimension"
+            );
+        }
+        shared.batchable.store(meta.batchable(), Ordering::Relaxed);
         let _ = shared.metadata.set(Arc::new(meta));
     }
     shared
@@ -519,10 +574,11 @@ fn engine_thread(
     if let Some(counter) = engine.token_counter() {
         let _ = shared.token_counter.set(counter);
     }
-    shared.set_state(ReplicaState::Ready);
+    let ready = shared.mark_loaded();
     tracing::info!(
         load_ms = started.elapsed().as_millis() as u64,
-        "engine ready"
+        ready,
+        "engine loaded"
     );
     let _ = instance.cast(ModelInstanceMsg::EngineReady);
 
@@ -584,6 +640,9 @@ fn run_batch(
         .observe(compute.as_secs_f64());
 
     let (answers, panicked): (Vec<Result<TensorMap, InferError>>, Option<String>) = match result {
+        // A request that ran alone gets the outputs as the model gave them: a model that
+        // is not batched may answer with a scalar, or rows that are not the request's.
+        Ok(Ok(out)) if size == 1 => (vec![Ok(out)], None),
         Ok(Ok(out)) => match split_map(&out, &rows) {
             Ok(parts) => (parts.into_iter().map(Ok).collect(), None),
             Err(e) => {
@@ -645,5 +704,32 @@ fn run_batch(
     match panicked {
         Some(msg) => Err(msg),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_config::EngineKind;
+
+    fn replica() -> Arc<ReplicaShared> {
+        let model = ModelConfig::new("m", EngineKind::Echo);
+        let metrics = crate::metrics::Metrics::new().for_model("m");
+        ReplicaShared::new(&model, 0, Device::Cpu, 8, metrics)
+    }
+
+    #[test]
+    fn an_engine_that_loads_after_its_replica_was_closed_does_not_make_it_ready() {
+        let r = replica();
+        assert!(r.mark_loaded());
+        assert_eq!(r.state(), ReplicaState::Ready);
+
+        // Scaled down while its (re)loading engine was still starting.
+        let r = replica();
+        r.close();
+        assert_eq!(r.state(), ReplicaState::Draining);
+        assert!(!r.mark_loaded());
+        assert_eq!(r.state(), ReplicaState::Draining);
+        assert!(!r.is_ready());
     }
 }

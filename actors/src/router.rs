@@ -91,10 +91,8 @@ impl RoutingTable {
                 });
             }
             1 => ready[0],
-            _ if route.config.batching.max_queue_delay_us > 0
-                && route.config.batching.max_batch_size > 1 =>
-            {
-                fill_batches(&ready, route.config.batching.max_batch_size)
+            _ if route.config.batching.max_queue_delay_us > 0 && ready[0].max_rows() > 1 => {
+                fill_batches(&ready, ready[0].max_rows())
             }
             n => {
                 let a = fastrand::usize(..n);

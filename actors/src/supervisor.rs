@@ -14,7 +14,11 @@
 //! - A ModelInstance that fails (engine panic, load error) is restarted after an
 //!   exponential backoff, reusing its queue, as long as its restart budget allows
 //!   ([`RestartPolicy`]). Past the budget the replica is marked `failed`, its queued
-//!   requests are answered NO_REPLICA, and the other replicas and models keep serving.
+//!   requests move to the model's other replicas (NO_REPLICA if none takes them), and the
+//!   other replicas and models keep serving.
+//! - A replica that goes away with requests still queued (removed while restarting, or
+//!   its engine died while it drained) hands them to the model's other replicas the same
+//!   way, so none waits out its deadline in a queue no engine serves.
 //! - A GatewayActor that fails is restarted with the same backoff, on the address it had.
 //! - A Router that fails is restarted at once; the table it publishes survives in the
 //!   RouterHandle.
@@ -379,7 +383,9 @@ impl SupervisorState {
         match slot.actor.take() {
             Some(actor) => {
                 self.children.remove(&actor.get_id());
-                slot.shared.set_state(ReplicaState::Draining);
+                // Closed now, not when the actor gets to its stop: from here on the
+                // replica takes no new request and shows as draining.
+                slot.shared.close();
                 let me = myself.clone();
                 let id = id.to_string();
                 tokio::spawn(async move {
@@ -388,13 +394,8 @@ impl SupervisorState {
                 });
             }
             None => {
-                // Restarting or failed: nothing runs; answer what waits and forget it.
-                let model = slot.model.name.clone();
-                slot.shared.set_state(ReplicaState::Stopped);
-                slot.shared.fail_queued(InferError::NoReplica {
-                    model,
-                    reason: format!("replica {id} was removed"),
-                });
+                // Restarting or failed: nothing runs; what waits moves to another replica
+                // as it is forgotten.
                 self.forget_replica(id).await?;
             }
         }
@@ -402,7 +403,10 @@ impl SupervisorState {
     }
 
     /// Drops a stopped replica from the routing table and from the supervisor's slots.
+    /// Requests still in its queue (its engine died while it drained, or it was removed
+    /// while waiting to restart) go to the model's other replicas.
     async fn forget_replica(&mut self, id: &str) -> Result<(), ActorProcessingErr> {
+        self.rehome(id, "stopped");
         let Some(pos) = self.replicas.iter().position(|s| s.shared.id == id) else {
             return Ok(());
         };
@@ -416,6 +420,55 @@ impl SupervisorState {
             ack: Some(ack),
         })?;
         Ok(())
+    }
+
+    /// Closes replica `id`'s queue and moves what waits in it to the model's other
+    /// replicas that take work (ready or loading), least loaded first, keeping each
+    /// request's deadline, priority and age. A request that none of them takes is
+    /// answered NO_REPLICA at once. Without this, requests in the queue of a replica that
+    /// goes away would wait out their whole deadline for an engine that never comes.
+    fn rehome(&self, id: &str, why: &str) {
+        let Some(slot) = self.replicas.iter().find(|s| s.shared.id == id) else {
+            return;
+        };
+        let waiting = slot.shared.close_and_take();
+        if waiting.is_empty() {
+            return;
+        }
+        let mut targets: Vec<&Arc<ReplicaShared>> = self
+            .replicas
+            .iter()
+            .filter(|s| s.model.name == slot.model.name && s.shared.id != id)
+            .filter(|s| {
+                matches!(
+                    s.shared.state(),
+                    ReplicaState::Ready | ReplicaState::Loading
+                )
+            })
+            .map(|s| &s.shared)
+            .collect();
+        targets.sort_by_key(|r| (r.state() != ReplicaState::Ready, r.outstanding()));
+        let (mut moved, mut refused) = (0usize, 0usize);
+        'requests: for mut p in waiting {
+            for target in &targets {
+                match target.requeue(p) {
+                    Ok(()) => {
+                        moved += 1;
+                        continue 'requests;
+                    }
+                    Err(back) => p = back.1,
+                }
+            }
+            refused += 1;
+            slot.shared.refuse(
+                p,
+                InferError::NoReplica {
+                    model: slot.model.name.clone(),
+                    reason: format!("replica {id} {why} with the request queued, and no other replica could take it"),
+                },
+            );
+        }
+        tracing::warn!(replica = %id, moved, refused, "requests left in a replica's queue moved to other replicas");
     }
 
     /// Makes the node run `want` replicas of `model`.
@@ -770,10 +823,7 @@ impl Actor for NodeSupervisor {
                         slot.shared.set_state(ReplicaState::Failed);
                         slot.shared
                             .set_last_error(format!("gave up after repeated failures: {reason}"));
-                        slot.shared.fail_queued(InferError::NoReplica {
-                            model: slot.model.name.clone(),
-                            reason: format!("replica {id} failed: {reason}"),
-                        });
+                        state.rehome(&id, "failed");
                     }
                 }
             }

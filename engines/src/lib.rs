@@ -106,8 +106,27 @@ pub struct ModelMetadata {
 }
 
 impl ModelMetadata {
-    /// Checks names, dtypes and shapes of a request's inputs, and returns its row count
-    /// (the first dimension, shared by every input).
+    /// Whether requests to this model can share an engine call: every input and every
+    /// output has a dynamic first dimension, taken to be the batch (as Triton assumes for
+    /// a model with `max_batch_size > 0`). A model with a fixed first dimension (a
+    /// static batch-1 export), a scalar, or an input without a declared shape is run one
+    /// request at a time, and its outputs go back to the caller as the model gives them.
+    pub fn batchable(&self) -> bool {
+        !self.inputs.is_empty()
+            && self
+                .inputs
+                .iter()
+                .chain(&self.outputs)
+                .all(|s| s.shape.first() == Some(&-1))
+    }
+
+    /// Checks names, dtypes and shapes of a request's inputs, and returns its row count:
+    /// the first dimension, shared by every input, for a [batchable](Self::batchable)
+    /// model; 1 for any other, whose requests run one at a time.
+    ///
+    /// An input declared with no dimensions (`[]`) is not shape-checked: ONNX Runtime
+    /// reports both scalars and inputs whose model declares no shape that way, and checks
+    /// such inputs itself when it runs.
     pub fn check_inputs(&self, inputs: &TensorMap) -> Result<usize, InputError> {
         let err = |input: &str, reason: String| InputError {
             input: input.to_string(),
@@ -122,6 +141,7 @@ impl ModelMetadata {
                 ));
             }
         }
+        let batchable = self.batchable();
         let mut rows = None;
         for spec in &self.inputs {
             let t = inputs
@@ -133,19 +153,19 @@ impl ModelMetadata {
                     format!("expected dtype {}, got {}", spec.dtype, t.dtype()),
                 ));
             }
-            let shape_ok = t.shape.len() == spec.shape.len()
-                && t.shape
-                    .iter()
-                    .zip(&spec.shape)
-                    .all(|(&have, &want)| want < 0 || have as i64 == want);
+            let shape_ok = spec.shape.is_empty()
+                || (t.shape.len() == spec.shape.len()
+                    && t.shape
+                        .iter()
+                        .zip(&spec.shape)
+                        .all(|(&have, &want)| want < 0 || have as i64 == want));
             if !shape_ok {
                 return Err(err(
                     &spec.name,
                     format!("expected shape {:?}, got {:?}", spec.shape, t.shape),
                 ));
             }
-            let r = t.shape.first().copied().unwrap_or(1);
-            if r == 0 {
+            if t.shape.first() == Some(&0) {
                 return Err(err(&spec.name, "has no rows".into()));
             }
             // An empty dimension past the first would let a body with no data claim any
@@ -156,6 +176,10 @@ impl ModelMetadata {
                     format!("has an empty dimension: shape {:?}", t.shape),
                 ));
             }
+            if !batchable {
+                continue;
+            }
+            let r = t.shape.first().copied().unwrap_or(1);
             match rows {
                 None => rows = Some(r),
                 Some(prev) if prev != r => {
@@ -167,7 +191,10 @@ impl ModelMetadata {
                 Some(_) => {}
             }
         }
-        rows.ok_or_else(|| err("", "the model takes no inputs".into()))
+        if self.inputs.is_empty() {
+            return Err(err("", "the model takes no inputs".into()));
+        }
+        Ok(rows.unwrap_or(1))
     }
 }
 
@@ -323,6 +350,64 @@ mod tests {
         );
         let e = meta().check_inputs(&m).unwrap_err();
         assert!(e.reason.contains("dtype"), "{e}");
+    }
+
+    #[test]
+    fn only_models_with_a_batch_dimension_everywhere_are_batched() {
+        assert!(meta().batchable());
+        let f32_input = |shape: &[i64]| ModelMetadata {
+            inputs: vec![TensorSpec::new("x", DType::F32, shape)],
+            outputs: vec![TensorSpec::new("y", DType::F32, &[-1, 1])],
+        };
+        // A static batch-1 export: requests of one row pass, and run alone.
+        let fixed = f32_input(&[1, 3]);
+        assert!(!fixed.batchable());
+        let mut one = TensorMap::new();
+        one.insert(
+            "x".into(),
+            Tensor::new(vec![1, 3], TensorData::F32(vec![0.0; 3])).unwrap(),
+        );
+        assert_eq!(fixed.check_inputs(&one), Ok(1));
+        let mut two = TensorMap::new();
+        two.insert(
+            "x".into(),
+            Tensor::new(vec![2, 3], TensorData::F32(vec![0.0; 6])).unwrap(),
+        );
+        assert!(fixed
+            .check_inputs(&two)
+            .unwrap_err()
+            .reason
+            .contains("shape"));
+
+        // An output that is not per row (a scalar) makes the model unbatchable too.
+        let mut scalar_out = f32_input(&[-1, 3]);
+        scalar_out.outputs = vec![TensorSpec::new("sum", DType::F32, &[])];
+        assert!(!scalar_out.batchable());
+        assert_eq!(scalar_out.check_inputs(&two), Ok(1));
+
+        // A scalar input beside a batch input: no row agreement is asked of it.
+        let mut with_scalar = f32_input(&[-1, 3]);
+        with_scalar
+            .inputs
+            .push(TensorSpec::new("threshold", DType::F32, &[]));
+        let mut m = two.clone();
+        m.insert(
+            "threshold".into(),
+            Tensor::new(vec![], TensorData::F32(vec![0.5])).unwrap(),
+        );
+        assert!(!with_scalar.batchable());
+        assert_eq!(with_scalar.check_inputs(&m), Ok(1));
+
+        // An input whose model declares no shape (reported as []) takes any shape.
+        let unknown = f32_input(&[]);
+        assert_eq!(unknown.check_inputs(&two), Ok(1));
+        // ... but an empty dimension is still refused.
+        let mut empty = TensorMap::new();
+        empty.insert(
+            "x".into(),
+            Tensor::new(vec![4, 0], TensorData::F32(vec![])).unwrap(),
+        );
+        assert!(unknown.check_inputs(&empty).is_err());
     }
 
     #[test]

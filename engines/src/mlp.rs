@@ -94,6 +94,13 @@ impl CandleMlp {
         if layers.is_empty() {
             return Err("no layers.0.weight in the file".into());
         }
+        // A layer after a gap in the numbering would otherwise be left out silently.
+        if let Some(stray) = tensors.keys().filter(|k| k.starts_with("layers.")).min() {
+            return Err(format!(
+                "{stray} does not follow layers 0 to {}: layer numbers must have no gaps",
+                layers.len() - 1
+            ));
+        }
         let (in_dim, out_dim) = (dims[0], dims[dims.len() - 1]);
         let meta = ModelMetadata {
             inputs: vec![TensorSpec::new("x", DType::F32, &[-1, in_dim as i64])],
@@ -281,6 +288,26 @@ mod tests {
                 assert!((y1[c] - want[c]).abs() < 1e-5, "single row {r}");
             }
         }
+    }
+
+    #[test]
+    fn a_gap_in_the_layer_numbers_is_a_load_error() {
+        let dev = candle_core::Device::Cpu;
+        let t = |dims: &[usize]| CTensor::zeros(dims, candle_core::DType::F32, &dev).unwrap();
+        let mut tensors = HashMap::new();
+        tensors.insert("layers.0.weight".to_string(), t(&[3, 4]));
+        tensors.insert("layers.0.bias".to_string(), t(&[3]));
+        tensors.insert("layers.1.weight".to_string(), t(&[2, 3]));
+        tensors.insert("layers.1.bias".to_string(), t(&[2]));
+        assert!(CandleMlp::from_tensors(tensors.clone(), dev.clone()).is_ok());
+        // layers.2 is missing: layers.3 would have been left out silently.
+        tensors.insert("layers.3.weight".to_string(), t(&[2, 2]));
+        tensors.insert("layers.3.bias".to_string(), t(&[2]));
+        let err = CandleMlp::from_tensors(tensors, dev).err().unwrap();
+        assert!(
+            err.contains("layers.3.bias") && err.contains("gaps"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -172,6 +172,9 @@ impl RawOnnx {
     }
 }
 
+/// The most elements one input of a raw benchmark batch may hold (1 GiB of f32).
+pub const MAX_BENCH_ELEMENTS: usize = 1 << 28;
+
 /// A deterministic batch for `meta`'s inputs: a dynamic first dimension is `batch`, any
 /// other dynamic dimension 1; values are spread over [-1, 1) for floats and 0..100 for
 /// integers.
@@ -188,7 +191,15 @@ pub fn batch_inputs(meta: &ModelMetadata, batch: usize) -> Result<TensorMap, Eng
                 Err(_) => 1,
             })
             .collect();
-        let n: usize = shape.iter().product();
+        // The model file sets the fixed dimensions: check them before allocating.
+        let n = crate::element_count(&shape)
+            .filter(|&n| n <= MAX_BENCH_ELEMENTS)
+            .ok_or_else(|| {
+                EngineError::Inference(format!(
+                    "input {:?} of shape {shape:?} is too large for a benchmark batch (at most {MAX_BENCH_ELEMENTS} elements)",
+                    spec.name
+                ))
+            })?;
         let x = |i: usize| ((i * 7919) % 1000) as f64 / 500.0 - 1.0;
         let data = match spec.dtype {
             DType::F32 => TensorData::F32((0..n).map(|i| x(i) as f32).collect()),
@@ -231,6 +242,18 @@ mod tests {
         assert!(x.iter().all(|v| (-1.0..1.0).contains(v)));
         // Deterministic.
         assert_eq!(batch_inputs(&meta, 5).expect("valid"), inputs);
+    }
+
+    #[test]
+    fn huge_fixed_dimensions_are_an_error_not_an_allocation() {
+        for shape in [&[-1, 1 << 40][..], &[i64::MAX, i64::MAX]] {
+            let meta = ModelMetadata {
+                inputs: vec![TensorSpec::new("x", DType::F32, shape)],
+                outputs: vec![],
+            };
+            let e = batch_inputs(&meta, 32).expect_err("too large");
+            assert!(e.to_string().contains("too large"), "{e}");
+        }
     }
 
     #[test]

@@ -420,6 +420,36 @@ fn missing_files_are_load_errors_naming_the_file() {
     ));
 }
 
+/// A tokenizer whose ids skip numbers can have fewer tokens than the model's vocab_size and
+/// still give an id past the embedding table; that is refused at load, not met per batch
+/// (on a GPU it would be a device-side assert that breaks the whole CUDA context).
+#[test]
+fn a_token_id_past_the_embedding_table_is_a_load_error() {
+    let tmp = tiny_copy();
+    let path = tmp.path().join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let count = vocab.len();
+    let (top_token, _) = vocab
+        .iter()
+        .max_by_key(|(_, id)| id.as_u64())
+        .map(|(t, id)| (t.clone(), id.clone()))
+        .unwrap();
+    // Same number of tokens; the last one's id moves past the model's 99 embeddings.
+    vocab.insert(top_token, serde_json::json!(150));
+    assert_eq!(vocab.len(), count);
+    std::fs::write(&path, serde_json::to_vec(&tok).unwrap()).unwrap();
+    match load_with(tmp.path(), |_| {}) {
+        Err(e @ EngineError::Load { .. }) => {
+            assert!(e.to_string().contains("ids up to 150"), "{e}");
+            assert!(e.to_string().contains("tokenizer.json"), "{e}");
+        }
+        Err(e) => panic!("expected a load error, got {e}"),
+        Ok(_) => panic!("loaded a tokenizer with ids past vocab_size"),
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors_and_empty_batches_are_empty() {
     let mut engine = load(&tiny_dir());

@@ -249,6 +249,31 @@ fn multi_dtype_matches_numpy() {
     }
 }
 
+/// A model whose requests cannot share an engine call: a fixed first dimension, a scalar
+/// input and output, and an input and output without a declared shape (reported as []).
+/// It is not batched, its inputs pass the checks as they are, and its outputs match NumPy.
+#[test]
+fn a_model_without_a_batch_dimension_runs_as_numpy_says() {
+    let mut engine = load("unbatched");
+    let meta = engine.metadata().clone();
+    let f = |n: &str, shape: &[i64]| TensorSpec::new(n, DType::F32, shape);
+    assert_eq!(meta.inputs, vec![f("x", &[1, 3]), f("k", &[]), f("z", &[])]);
+    assert_eq!(
+        meta.outputs,
+        vec![f("y", &[1, 3]), f("total", &[]), f("z1", &[])]
+    );
+    assert!(!meta.batchable());
+    assert!(load("tiny_mlp").metadata().batchable());
+    let cases = cases("unbatched");
+    assert!(cases.len() >= 3);
+    for (i, (inputs, want)) in cases.iter().enumerate() {
+        assert_eq!(meta.check_inputs(inputs), Ok(1), "case {i}");
+        let got = engine.infer(inputs).unwrap();
+        assert_eq!(got["total"].shape, Vec::<usize>::new(), "a scalar output");
+        assert_close(&format!("unbatched case {i}"), &got, want, 1e-5);
+    }
+}
+
 /// Several requests joined along dim 0 (as the batcher does) give each request's outputs,
 /// and each row alone gives the batch's row.
 #[test]

@@ -247,15 +247,17 @@ pub async fn model_ready(State(state): State<AppState>, Path(path): Path<ModelPa
     }
 }
 
-/// `GET /v2/models/{m}[/versions/{v}]/config`: a Triton-style configuration. Every Cohort
-/// model batches along its first dimension, so `dims` leave it out and `max_batch_size` is
-/// the batcher's.
+/// `GET /v2/models/{m}[/versions/{v}]/config`: a Triton-style configuration. A model that
+/// batches along its first dimension has `dims` without it and the batcher's
+/// `max_batch_size`; one that cannot ([`cohort_engines::ModelMetadata::batchable`]) has
+/// full `dims` and `max_batch_size` 0, as in Triton.
 pub async fn model_config(State(state): State<AppState>, Path(path): Path<ModelPath>) -> Response {
     respond((|| {
         let table = state.ctx.router.snapshot();
         let route = route_of(&table, &path)?;
         let c = &route.config;
         let meta = metadata_of(route);
+        let batched = meta.as_ref().is_none_or(|m| m.batchable());
         let dims = |specs: &[cohort_engines::TensorSpec]| -> Vec<Value> {
             specs
                 .iter()
@@ -263,7 +265,7 @@ pub async fn model_config(State(state): State<AppState>, Path(path): Path<ModelP
                     json!({
                         "name": s.name,
                         "data_type": triton_type(s.dtype),
-                        "dims": s.shape.iter().skip(1).collect::<Vec<_>>(),
+                        "dims": s.shape.iter().skip(usize::from(batched)).collect::<Vec<_>>(),
                     })
                 })
                 .collect()
@@ -277,17 +279,22 @@ pub async fn model_config(State(state): State<AppState>, Path(path): Path<ModelP
         } else {
             "KIND_CPU"
         };
+        let max_batch_size = if batched {
+            c.batching.max_batch_size.max(1)
+        } else {
+            0
+        };
         let mut v = json!({
             "name": c.name,
             "platform": format!("cohort-{}", c.engine.as_str()),
             "backend": "cohort",
             "version_policy": {"specific": {"versions": [c.version]}},
-            "max_batch_size": c.batching.max_batch_size.max(1),
+            "max_batch_size": max_batch_size,
             "input": input,
             "output": output,
             "instance_group": [{"name": c.name, "kind": kind, "count": c.replicas}],
         });
-        if c.batching.max_batch_size > 1 {
+        if batched && c.batching.max_batch_size > 1 {
             v["dynamic_batching"] = json!({
                 "max_queue_delay_microseconds": c.batching.max_queue_delay_us,
             });

@@ -129,6 +129,92 @@ async fn onnx_model_over_http_matches_numpy_and_batches() {
     n.node.shutdown().await;
 }
 
+/// A model whose requests cannot share an engine call (a fixed first dimension, scalars, an
+/// input without a declared shape) is served over HTTP with batching configured: requests
+/// sent together run one at a time, scalars go in and come out, and the numbers are
+/// NumPy's. Joined, they would have made one engine call that ONNX Runtime refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_a_batch_dimension_is_served_one_request_at_a_time() {
+    let dir = onnx_models();
+    let mut m = ModelConfig::new("unbatched", EngineKind::Onnx);
+    m.path = Some(dir.join("unbatched.onnx"));
+    m.options.intra_op_threads = Some(1);
+    m.batching.max_batch_size = 8;
+    m.batching.max_queue_delay_us = 20_000;
+    let n = start(vec![m]).await;
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
+    )
+    .expect("json");
+    let cases = reference["models"]["unbatched"]["cases"]
+        .as_array()
+        .expect("cases")
+        .clone();
+    // KServe v2 bodies: explicit shapes, [] for the scalar.
+    let body = |case: &Value| {
+        let inputs: Vec<Value> = ["x", "k", "z"]
+            .iter()
+            .map(|name| {
+                let t = &case["inputs"][*name];
+                json!({"name": name, "datatype": "FP32", "shape": t["shape"], "data": t["data"]})
+            })
+            .collect();
+        json!({"inputs": inputs})
+    };
+    let url = format!("{}/v2/models/unbatched/infer", n.url);
+    for _round in 0..3 {
+        let tasks: Vec<_> = cases
+            .iter()
+            .map(|case| {
+                let (http, url, body, want) =
+                    (n.http.clone(), url.clone(), body(case), case.clone());
+                tokio::spawn(async move {
+                    let r = http.post(url).json(&body).send().await.expect("sent");
+                    (
+                        r.status().as_u16(),
+                        r.json::<Value>().await.expect("json"),
+                        want,
+                    )
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (status, got, case) = t.await.expect("task");
+            assert_eq!(status, 200, "{got}");
+            for out in got["outputs"].as_array().expect("outputs") {
+                let name = out["name"].as_str().expect("name");
+                let want = &case["outputs"][name];
+                assert_eq!(out["shape"], want["shape"], "{name}: {got}");
+                let (g, w) = (floats(&out["data"]), floats(&want["data"]));
+                assert_eq!(g.len(), w.len(), "{name}");
+                for (g, w) in g.iter().zip(&w) {
+                    assert!((g - w).abs() < 1e-4, "{name}: got {g}, numpy {w}");
+                }
+            }
+        }
+    }
+    let (_, status) = n.get("/api/v1/models/unbatched").await;
+    let served: u64 = status["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["served"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(served, 3 * cases.len() as u64);
+    // One engine call per request.
+    let (_, stats) = n.get("/v2/models/unbatched/stats").await;
+    assert_eq!(
+        stats["model_stats"][0]["execution_count"], stats["model_stats"][0]["inference_count"],
+        "{stats}"
+    );
+    // Triton's way of saying so: max_batch_size 0, full dims.
+    let (_, config) = n.get("/v2/models/unbatched/config").await;
+    assert_eq!(config["max_batch_size"], 0, "{config}");
+    assert_eq!(config["input"][0]["dims"], json!([1, 3]), "{config}");
+    assert!(config.get("dynamic_batching").is_none(), "{config}");
+    n.node.shutdown().await;
+}
+
 fn tiny_bert() -> PathBuf {
     workspace().join("engines/tests/fixtures/tiny_bert")
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_config::{EngineKind, ModelConfig};
+use cohort_config::{EngineKind, FailMode, ModelConfig};
 use common::*;
 use serde_json::{json, Value};
 
@@ -149,6 +149,147 @@ async fn scale_down_drains_queued_requests() {
     }
     let one = || async move { replicas_of(n_ref, "slow").await.len() == 1 };
     assert!(eventually(Duration::from_secs(5), one).await);
+    n.node.shutdown().await;
+}
+
+/// Sends one request of width `width` (so that requests of different widths never share a
+/// batch) to `model`; returns its status and error code (or "" on success).
+fn send_width(
+    n: &TestNode,
+    model: &str,
+    width: usize,
+) -> tokio::task::JoinHandle<(u16, String, std::time::Duration)> {
+    let http = n.http.clone();
+    let url = format!("{}/api/v1/models/{model}/infer", n.url);
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let body = json!({"inputs": {"x": [vec![width as f32; width]]}, "timeout_ms": 20000});
+        let r = http
+            .post(url)
+            .timeout(Duration::from_secs(30))
+            .json(&body)
+            .send()
+            .await
+            .expect("sent");
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let code = v["error"]["code"].as_str().unwrap_or("").to_string();
+        (status, code, started.elapsed())
+    })
+}
+
+/// Waits until the replicas of `model` hold `depth` queued requests in all.
+async fn wait_queued(n: &TestNode, model: &str, depth: u64) {
+    let queued = || async move {
+        replicas_of(n, model)
+            .await
+            .iter()
+            .map(|r| r["queue_depth"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == depth
+    };
+    assert!(
+        eventually(Duration::from_secs(10), queued).await,
+        "{depth} requests queued on {model}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_dies_while_draining_leaves_no_request_waiting() {
+    // Every engine call panics; batches wait a second to fill, so requests sit queued.
+    let mut boom = fail_model("boom", 1, FailMode::Panic);
+    boom.batching.max_batch_size = 8;
+    boom.batching.max_queue_delay_us = 1_000_000;
+    let n = start(vec![boom]).await;
+    let tasks: Vec<_> = (1..=3).map(|w| send_width(&n, "boom", w)).collect();
+    wait_queued(&n, "boom", 3).await;
+    // Unloading drains: the engine takes the first request, panics, and its thread ends
+    // with two requests still queued, which no engine will serve.
+    let (s, _, b) = n.post("/api/v1/models/boom/unload", &json!({})).await;
+    assert_eq!(s, 200, "{b}");
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    answers.sort_by_key(|a| a.0);
+    let codes: Vec<(u16, &str)> = answers.iter().map(|a| (a.0, a.1.as_str())).collect();
+    // Before the fix the two left in the queue waited out their 20 s deadline: 504.
+    assert_eq!(
+        codes,
+        vec![
+            (500, "INFERENCE_FAILED"),
+            (503, "NO_REPLICA"),
+            (503, "NO_REPLICA")
+        ]
+    );
+    for a in &answers {
+        assert!(a.2 < Duration::from_secs(10), "answered after {:?}", a.2);
+    }
+    let n_ref = &n;
+    let gone = || async move { replicas_of(n_ref, "boom").await.is_empty() };
+    assert!(eventually(Duration::from_secs(5), gone).await);
+    n.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_replica_that_waits_to_restart_moves_its_queue_to_a_ready_one() {
+    // Every third engine call panics. Batches wait 300 ms to fill, so the router gathers
+    // the five requests on one replica; widths differ, so they run one per call there.
+    let mut flaky = fail_model("flaky", 3, FailMode::Panic);
+    flaky.replicas = 2;
+    flaky.batching.max_batch_size = 8;
+    flaky.batching.max_queue_delay_us = 300_000;
+    // A long backoff keeps the crashed replica `restarting` while the test scales down.
+    let policy = cohort_actors::RestartPolicy {
+        base_backoff: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(5),
+        window: Duration::from_secs(60),
+        max_restarts: 5,
+    };
+    let n = start_with_policy(vec![flaky], |_| {}, policy).await;
+    let mut tasks = Vec::new();
+    for w in 1..=5 {
+        tasks.push(send_width(&n, "flaky", w));
+        // In order, so that each finds the others' queue on the same replica.
+        wait_queued(&n, "flaky", w as u64).await;
+    }
+    // Calls 1 and 2 answer widths 1 and 2; call 3 panics on width 3, and widths 4 and 5
+    // wait in the queue of a replica that restarts in 5 s.
+    let n_ref = &n;
+    let restarting = || async move {
+        replicas_of(n_ref, "flaky")
+            .await
+            .iter()
+            .any(|r| r["state"] == "restarting" && r["queue_depth"] == 2)
+    };
+    assert!(eventually(Duration::from_secs(10), restarting).await);
+    let (s, _, b) = n
+        .post("/api/v1/models/flaky/scale", &json!({"replicas": 1}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let codes: Vec<(u16, &str)> = answers.iter().map(|a| (a.0, a.1.as_str())).collect();
+    // Before the fix widths 4 and 5 were answered 503 "replica was removed" although the
+    // other replica was ready.
+    assert_eq!(
+        codes,
+        vec![
+            (200, ""),
+            (200, ""),
+            (500, "INFERENCE_FAILED"),
+            (200, ""),
+            (200, "")
+        ]
+    );
+    for a in &answers {
+        assert!(a.2 < Duration::from_secs(4), "answered after {:?}", a.2);
+    }
+    let r = replicas_of(&n, "flaky").await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["state"], "ready");
     n.node.shutdown().await;
 }
 

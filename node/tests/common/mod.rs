@@ -54,12 +54,21 @@ pub fn fail_model(name: &str, every: u64, mode: FailMode) -> ModelConfig {
 
 /// Starts a node with the built-in models plus `models`, after `tweak` edits the config.
 pub async fn start_with(models: Vec<ModelConfig>, tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
+    start_with_policy(models, tweak, fast_policy()).await
+}
+
+/// [`start_with`], restarting failed replicas by `policy`.
+pub async fn start_with_policy(
+    models: Vec<ModelConfig>,
+    tweak: impl FnOnce(&mut NodeConfig),
+    policy: RestartPolicy,
+) -> TestNode {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cfg = config(&dir);
     cfg.models = models;
     tweak(&mut cfg);
     cfg.validate().expect("test config is valid");
-    let node = cohort_actors::start(cfg, Arc::new(cohort_gateway::HttpGateway), fast_policy())
+    let node = cohort_actors::start(cfg, Arc::new(cohort_gateway::HttpGateway), policy)
         .await
         .expect("node starts");
     let addr = node.ctx().http_addr().expect("gateway bound");
