@@ -5,6 +5,7 @@
 //! present (queue depth, replicas by state) are read from the replicas when scraped.
 
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -18,7 +19,10 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// Up to `max_batch_size`'s limit (4096).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
 
 /// A status code as text, without allocating.
 fn status_str(status: u16, buf: &mut [u8; 5]) -> &str {
@@ -62,6 +66,9 @@ pub struct Metrics {
     raft_applied_index: IntGauge,
     raft_is_leader: IntGauge,
     raft_leader_changes: IntCounter,
+    /// Held while a scrape rebuilds the gauges and gathers, and while the Raft figures are
+    /// copied: two scrapes at once would otherwise drop series or count leader changes twice.
+    scrape: Mutex<()>,
 }
 
 /// Why the gateway refused a request before it reached a handler; the `reason` label of
@@ -277,6 +284,7 @@ impl Metrics {
             raft_applied_index,
             raft_is_leader,
             raft_leader_changes,
+            scrape: Mutex::new(()),
         }
     }
 
@@ -307,6 +315,7 @@ impl Metrics {
     /// Copies the Raft figures the RaftActor publishes into the gauges (called before
     /// rendering).
     pub fn observe_raft(&self, raft: &cohort_cluster::RaftGauges) {
+        let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.raft_term.set(raft.term.load(Ordering::Relaxed) as i64);
         self.raft_commit_index
             .set(raft.commit_index.load(Ordering::Relaxed) as i64);
@@ -341,6 +350,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with gauges read from `table` now.
     pub fn render(&self, table: &RoutingTable, uptime_s: u64) -> String {
+        let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.uptime.set(uptime_s as i64);
         self.queue_depth.reset();
         self.replicas.reset();

@@ -583,6 +583,13 @@ fn engine_thread(
     let _ = instance.cast(ModelInstanceMsg::EngineReady);
 
     while let Some(taken) = shared.next_batch() {
+        // Requests that leave the queue without running still waited in it: the longest
+        // waits under overload are exactly these, and the queue-delay figures must show them.
+        let now = Instant::now();
+        for p in taken.expired.iter().chain(&taken.cancelled) {
+            let waited = now.saturating_duration_since(p.enqueued);
+            shared.metrics.queue_seconds.observe(waited.as_secs_f64());
+        }
         for p in taken.expired {
             let err = InferError::Timeout {
                 timeout_ms: p.timeout_ms,
@@ -651,10 +658,12 @@ fn run_batch(
             }
         },
         Ok(Err(e)) => {
-            let err = InferError::InferenceFailed(match e {
-                cohort_engines::EngineError::Inference(msg) => msg,
-                other => other.to_string(),
-            });
+            let err = match e {
+                // The engine's own check of the inputs: the client's mistake (400).
+                cohort_engines::EngineError::Input(ie) => InferError::InvalidInput(ie),
+                cohort_engines::EngineError::Inference(msg) => InferError::InferenceFailed(msg),
+                other => InferError::InferenceFailed(other.to_string()),
+            };
             let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
             tracing::warn!(replica = %shared.id, requests = ?ids, error = %err, "engine call failed");
             (vec![Err(err); size], None)
@@ -716,6 +725,50 @@ mod tests {
         let model = ModelConfig::new("m", EngineKind::Echo);
         let metrics = crate::metrics::Metrics::new().for_model("m");
         ReplicaShared::new(&model, 0, Device::Cpu, 8, metrics)
+    }
+
+    /// Refuses every call's inputs, as ONNX Runtime does with an invalid argument.
+    struct Refuses(ModelMetadata);
+
+    impl Engine for Refuses {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.0
+        }
+        fn infer(&mut self, _: &TensorMap) -> Result<TensorMap, cohort_engines::EngineError> {
+            Err(cohort_engines::InputError {
+                input: "x".into(),
+                reason: "refused".into(),
+            }
+            .into())
+        }
+    }
+
+    #[test]
+    fn an_input_the_engine_refuses_is_the_clients_mistake() {
+        let r = replica();
+        let (tx, mut rx) = ractor::concurrency::oneshot();
+        let now = Instant::now();
+        let p = Pending {
+            request_id: "r".into(),
+            inputs: TensorMap::new(),
+            rows: 1,
+            tokens: 0,
+            priority: Priority::Normal,
+            enqueued: now,
+            deadline: now + Duration::from_secs(5),
+            timeout_ms: 5000,
+            reply: tx.into(),
+            span: tracing::Span::none(),
+        };
+        let mut engine = Refuses(ModelMetadata {
+            inputs: vec![],
+            outputs: vec![],
+        });
+        assert!(run_batch(&r, &mut engine, vec![p]).is_ok());
+        match rx.try_recv() {
+            Ok(Err(InferError::InvalidInput(e))) => assert_eq!(e.input, "x"),
+            other => panic!("expected INVALID_INPUT, got {other:?}"),
+        }
     }
 
     #[test]

@@ -772,7 +772,7 @@ impl NodeConfig {
         if !(1..=10_000).contains(&c.tick_ms) {
             err("cluster.tick_ms".into(), "must be between 1 and 10000");
         }
-        if c.down_after_ms < c.tick_ms * 20 {
+        if c.down_after_ms < c.tick_ms.saturating_mul(20) {
             err(
                 "cluster.down_after_ms".into(),
                 "must be at least 20 ticks (an election's worst case)",
@@ -907,8 +907,12 @@ impl DeviceSpec {
             "cpu" => Some(DeviceSpec::Cpu),
             "auto" => Some(DeviceSpec::Auto),
             "cuda" => Some(DeviceSpec::Cuda(0)),
+            // Digits only, no leading zero: `cuda:+1` or `cuda:01` would be shown as written.
             _ => s
                 .strip_prefix("cuda:")
+                .filter(|n| {
+                    n.bytes().all(|b| b.is_ascii_digit()) && (*n == "0" || !n.starts_with('0'))
+                })
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda),
         }
@@ -1025,6 +1029,16 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_tick_is_a_range_error_not_an_overflow() {
+        let mut cfg = NodeConfig::default();
+        cfg.cluster.tick_ms = u64::MAX / 10;
+        let Err(errs) = cfg.validate() else {
+            panic!("a tick of {} ms passed", u64::MAX / 10);
+        };
+        assert!(errs.iter().any(|e| e.path == "cluster.tick_ms"), "{errs:?}");
+    }
+
+    #[test]
     fn missing_file_is_an_io_error() {
         let err = load_fixture("does-not-exist.toml").unwrap_err();
         assert!(matches!(err, ConfigError::Io { .. }));
@@ -1114,6 +1128,13 @@ mod tests {
         assert_eq!(DeviceSpec::parse("auto"), Some(DeviceSpec::Auto));
         assert_eq!(DeviceSpec::parse("gpu"), None);
         assert_eq!(DeviceSpec::parse("cuda:x"), None);
+        for odd in [
+            "cuda:", "cuda:+1", "cuda:-1", "cuda:01", " cuda:0", "CUDA:0",
+        ] {
+            assert_eq!(DeviceSpec::parse(odd), None, "{odd}");
+        }
+        assert_eq!(DeviceSpec::parse("cuda:0"), Some(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:10"), Some(DeviceSpec::Cuda(10)));
     }
 
     #[test]

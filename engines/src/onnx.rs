@@ -636,7 +636,13 @@ impl OnnxEngine {
         let outputs = self
             .session
             .run(SessionInputs::<'_, '_, 0>::ValueSlice(&values))
-            .map_err(|e| EngineError::Inference(e.to_string()))?;
+            .map_err(|e| {
+                if e.code() == ort::error::ErrorCode::InvalidArgument {
+                    refused_input(&self.meta, e.message())
+                } else {
+                    EngineError::Inference(e.to_string())
+                }
+            })?;
         let mut out = TensorMap::new();
         for (i, spec) in self.meta.outputs.iter().enumerate() {
             let t = output_tensor(&outputs[i])
@@ -645,6 +651,28 @@ impl OnnxEngine {
         }
         Ok(out)
     }
+}
+
+/// ONNX Runtime's refusal of the inputs themselves (`INVALID_ARGUMENT` from `run`: a
+/// dimension, rank or type that Cohort's own checks let through) is the client's mistake,
+/// an input error; any other failure of `run` is an inference failure.
+fn refused_input(meta: &ModelMetadata, msg: &str) -> EngineError {
+    // ORT names the input as "... for input: NAME ...".
+    let input = meta
+        .inputs
+        .iter()
+        .map(|s| s.name.as_str())
+        .find(|n| {
+            let at = format!("input: {n}");
+            msg.contains(&format!("{at} "))
+                || msg.contains(&format!("{at}\n"))
+                || msg.ends_with(&at)
+        })
+        .unwrap_or_default();
+    EngineError::Input(InputError {
+        input: input.to_string(),
+        reason: format!("ONNX Runtime refused it: {}", msg.trim()),
+    })
 }
 
 impl Engine for OnnxEngine {
@@ -709,5 +737,29 @@ mod tests {
         }
         let e = cuda_device_id(0).unwrap_err().to_string();
         assert!(e.contains("--features cuda"), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_argument_from_onnx_runtime_is_an_input_error_naming_the_input() {
+        let meta = ModelMetadata {
+            inputs: vec![
+                crate::TensorSpec::new("x", DType::F32, &[1, 3]),
+                crate::TensorSpec::new("x2", DType::F32, &[]),
+            ],
+            outputs: vec![],
+        };
+        let msg = "Got invalid dimensions for input: x2 for the following indices\n index: 0 Got: 2 Expected: 1";
+        match refused_input(&meta, msg) {
+            EngineError::Input(e) => {
+                assert_eq!(e.input, "x2");
+                assert!(e.reason.contains("invalid dimensions"), "{e}");
+            }
+            other => panic!("expected an input error, got {other}"),
+        }
+        // A message that names no input still makes an input error, with no name.
+        match refused_input(&meta, "Unexpected input data type") {
+            EngineError::Input(e) => assert_eq!(e.input, ""),
+            other => panic!("expected an input error, got {other}"),
+        }
     }
 }

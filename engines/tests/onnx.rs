@@ -359,12 +359,16 @@ fn bad_inputs_are_input_errors() {
         Err(EngineError::Input(e)) => assert_eq!(e.input, "z"),
         other => panic!("expected an input error, got {other:?}"),
     }
-    // A wrong width reaches ONNX Runtime, which refuses it without harm.
+    // A wrong width reaches ONNX Runtime, which refuses it without harm, as an invalid
+    // argument: an input error naming the input (a 400 for the client, not a 500).
     let narrow = x(Tensor::new(vec![1, 3], TensorData::F32(vec![0.0; 3])).unwrap());
-    assert!(matches!(
-        engine.infer(&narrow),
-        Err(EngineError::Inference(_))
-    ));
+    match engine.infer(&narrow) {
+        Err(EngineError::Input(e)) => {
+            assert_eq!(e.input, "x");
+            assert!(e.reason.contains("ONNX Runtime refused it"), "{e}");
+        }
+        other => panic!("expected an input error, got {other:?}"),
+    }
     // The engine still works.
     let (inputs, want) = &cases("tiny_mlp")[0];
     assert_close("after errors", &engine.infer(inputs).unwrap(), want, 1e-4);

@@ -274,11 +274,13 @@ pub async fn model_config(State(state): State<AppState>, Path(path): Path<ModelP
             Some(m) => (dims(&m.inputs), dims(&m.outputs)),
             None => (vec![], vec![]),
         };
-        let kind = if c.device.starts_with("cuda") {
-            "KIND_GPU"
-        } else {
-            "KIND_CPU"
-        };
+        // A GPU by the setting, or by where an `auto` replica was placed.
+        let on_gpu = c.device.starts_with("cuda")
+            || route
+                .replicas
+                .iter()
+                .any(|r| r.device != cohort_engines::Device::Cpu);
+        let kind = if on_gpu { "KIND_GPU" } else { "KIND_CPU" };
         let max_batch_size = if batched {
             c.batching.max_batch_size.max(1)
         } else {
@@ -922,6 +924,12 @@ struct InferResponse<'a> {
 }
 
 /// Builds the response: JSON alone, or JSON then the binary outputs.
+fn unknown_output(name: &str, have: Vec<&str>) -> ApiError {
+    bad(format!(
+        "unknown output {name:?}; the model returns {have:?}"
+    ))
+}
+
 fn build_response(
     model: &str,
     version: &str,
@@ -938,10 +946,7 @@ fn build_response(
                     .get_key_value(name)
                     .map(|(k, t)| (k.as_str(), t, *binary))
                     .ok_or_else(|| {
-                        let have: Vec<&str> = outputs.keys().map(String::as_str).collect();
-                        bad(format!(
-                            "unknown output {name:?}; the model returns {have:?}"
-                        ))
+                        unknown_output(name, outputs.keys().map(String::as_str).collect())
                     })
             })
             .collect::<Result<_, _>>()?,
@@ -1039,6 +1044,17 @@ pub async fn infer(
         let body = read_body(body)?;
         let mut req = parse_request(&headers, &body, state.ctx.config.http.max_json_depth)?;
         drop(body);
+        // Requested outputs the model does not have: 400 before any compute (a retry can
+        // never succeed, so no 503 or 504 may come first).
+        if let (Some(list), Some(meta)) = (&req.outputs, meta.as_deref()) {
+            if let Some((name, _)) = list
+                .iter()
+                .find(|(name, _)| !meta.outputs.iter().any(|s| &s.name == name))
+            {
+                let have = meta.outputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(unknown_output(name, have));
+            }
+        }
         let inputs = std::mem::take(&mut req.inputs);
         let queued =
             inference::submit_tensors(&state, &path.model, inputs, req.timeout_ms, &rid.0)?;

@@ -215,6 +215,13 @@ async fn json_and_binary_infer_equal_the_native_endpoint() {
     let (s, _, v) = n.post("/v2/models/mlp/infer", &req).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["outputs"].as_array().map(Vec::len), Some(1));
+    let served = |m: Value| -> u64 {
+        m["replicas"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|r| r["served"].as_u64()).sum())
+            .unwrap_or(0)
+    };
+    let before = served(n.get("/api/v1/models/mlp").await.1);
     let req = json!({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": x}],
                      "outputs": [{"name": "nope"}]});
     let (s, _, v) = n.post("/v2/models/mlp/infer", &req).await;
@@ -223,6 +230,8 @@ async fn json_and_binary_infer_equal_the_native_endpoint() {
         v["error"].as_str().is_some_and(|e| e.contains("nope")),
         "{v}"
     );
+    // Refused before it was queued: the engine never ran it.
+    assert_eq!(served(n.get("/api/v1/models/mlp").await.1), before);
 
     // echo: a 2-D input comes back as it went.
     let req = json!({"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32",

@@ -515,3 +515,32 @@ async fn replicas_are_pinned_to_devices_and_a_missing_gpu_is_a_clear_failure() {
     assert_eq!(r.status(), 200, "the rest of the node serves");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_in_the_queue_counts_in_the_queue_delay() {
+    let mut slow = sleep_model("slow", 300);
+    slow.batching.max_batch_size = 1;
+    let n = start(vec![slow]).await;
+    let url = format!("{}/api/v1/models/slow/infer", n.url);
+    let first = {
+        let (http, url) = (n.http.clone(), url.clone());
+        tokio::spawn(async move { http.post(url).json(&echo_body(&[1.0])).send().await })
+    };
+    // The second waits behind the first's 300 ms and gives up after 50.
+    let n_ref = &n;
+    let running =
+        || async move { replicas_of(n_ref, "slow").await[0]["in_flight"].as_u64() == Some(1) };
+    assert!(eventually(Duration::from_secs(5), running).await);
+    let body = json!({"inputs": {"x": [[2.0]]}, "timeout_ms": 50});
+    let (s, _, b) = n.infer("slow", &body).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (504, Some("TIMEOUT")));
+    assert_eq!(first.await.expect("task").expect("sent").status(), 200);
+    // Both waited in the queue: the one that ran, and the one dropped at its deadline.
+    let count = || async move {
+        let (_, text) = n_ref.get_text("/metrics").await;
+        text.lines()
+            .any(|l| l == "cohort_queue_duration_seconds_count{model=\"slow\"} 2")
+    };
+    assert!(eventually(Duration::from_secs(5), count).await);
+    n.node.shutdown().await;
+}
