@@ -93,6 +93,17 @@ def tensor_json(a):
     return {"dtype": name, "shape": shape, "data": data}
 
 
+def make_model(graph):
+    """A model around `graph`, with the opset and IR version every test model uses."""
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="cohort-make_onnx_models",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
 def save(model, path, check=True):
     if check:
         onnx.checker.check_model(model)
@@ -130,12 +141,7 @@ def mlp_model(name, dims, seed):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dims[-1]])],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="cohort-make_onnx_models",
-    )
-    model.ir_version = IR_VERSION
+    model = make_model(graph)
     return model, layers
 
 
@@ -219,12 +225,7 @@ def multi_dtype_model():
         mk("Add", ["ef", "d_f32"], ["out_mixed_f32"]),
     ]
     graph = helper.make_graph(nodes, "multi_dtype", inputs, outputs, initializer=inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="cohort-make_onnx_models",
-    )
-    model.ir_version = IR_VERSION
+    model = make_model(graph)
     return model
 
 
@@ -288,12 +289,7 @@ def unbatched_model():
         mk("Add", ["z", "one"], ["z1"]),
     ]
     graph = helper.make_graph(nodes, "unbatched", inputs, outputs, initializer=inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="cohort-make_onnx_models",
-    )
-    model.ir_version = IR_VERSION
+    model = make_model(graph)
     return model
 
 

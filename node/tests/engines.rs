@@ -57,6 +57,18 @@ fn nest(data: &[Value], shape: &[usize]) -> Value {
     )
 }
 
+/// The NumPy reference cases of one generated model (from reference.json).
+fn reference_cases(model: &str) -> Vec<Value> {
+    let path = onnx_models().join("reference.json");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference.json"))
+            .expect("json");
+    reference["models"][model]["cases"]
+        .as_array()
+        .expect("cases")
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onnx_model_over_http_matches_numpy_and_batches() {
     let dir = onnx_models();
@@ -78,14 +90,7 @@ async fn onnx_model_over_http_matches_numpy_and_batches() {
         json!([{"name": "y", "dtype": "f32", "shape": [-1, 10]}])
     );
 
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
-    )
-    .expect("json");
-    let cases = reference["models"]["tiny_mlp"]["cases"]
-        .as_array()
-        .expect("cases")
-        .clone();
+    let cases = reference_cases("tiny_mlp");
     assert!(!cases.is_empty());
     // One request per case, then all cases' rows in one request: same numbers.
     let mut all_rows = Vec::new();
@@ -142,14 +147,7 @@ async fn a_model_without_a_batch_dimension_is_served_one_request_at_a_time() {
     m.batching.max_batch_size = 8;
     m.batching.max_queue_delay_us = 20_000;
     let n = start(vec![m]).await;
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"),
-    )
-    .expect("json");
-    let cases = reference["models"]["unbatched"]["cases"]
-        .as_array()
-        .expect("cases")
-        .clone();
+    let cases = reference_cases("unbatched");
     // KServe v2 bodies: explicit shapes, [] for the scalar.
     let body = |case: &Value| {
         let inputs: Vec<Value> = ["x", "k", "z"]
