@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -160,9 +160,6 @@ pub struct ReplicaShared {
     /// The device the replica is pinned to.
     pub device: Device,
     batching: BatchingConfig,
-    /// Whether requests may share an engine call ([`ModelMetadata::batchable`]); set when
-    /// the engine loads.
-    batchable: AtomicBool,
     state: AtomicU8,
     queue: Mutex<QueueState>,
     wake: Condvar,
@@ -218,7 +215,6 @@ impl ReplicaShared {
             version: model.version.clone(),
             device,
             batching: model.batching.clone(),
-            batchable: AtomicBool::new(true),
             state: AtomicU8::new(ReplicaState::Loading as u8),
             queue: Mutex::new(QueueState {
                 queue: RequestQueue::new(capacity, aging),
@@ -261,9 +257,9 @@ impl ReplicaShared {
     }
 
     /// The most rows one engine call takes: `max_batch_size`, or 1 for a model whose
-    /// requests cannot share a call.
+    /// requests cannot share a call ([`ModelMetadata::batchable`]).
     pub fn max_rows(&self) -> usize {
-        if self.batchable.load(Ordering::Relaxed) {
+        if self.metadata().is_none_or(|m| m.batchable()) {
             self.batching.max_batch_size.max(1)
         } else {
             1
@@ -565,7 +561,6 @@ fn engine_thread(
                 "requests run one at a time: not every input and output of the model has a dynamic first (batch) dimension"
             );
         }
-        shared.batchable.store(meta.batchable(), Ordering::Relaxed);
         let _ = shared.metadata.set(Arc::new(meta));
     }
     shared

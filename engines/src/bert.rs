@@ -262,12 +262,13 @@ impl BertEmbedder {
                 ),
             ));
         }
-        // Every id the tokenizer can give must index the embedding table: a count of tokens
-        // is not enough, since ids may skip numbers. (An id past the table is an error on
-        // the CPU, and a device-side assert that breaks the whole CUDA context on a GPU.)
+        // Every id the tokenizer can give must index the embedding table. The highest id
+        // decides, not the count of tokens: ids may skip numbers. (An id past the table is
+        // an error on the CPU, and a device-side assert that breaks the whole CUDA context
+        // on a GPU.)
         let vocab = tokenizer.get_vocab_size(true);
         let top = tokenizer.get_vocab(true).into_values().max();
-        if vocab > config.vocab_size || top.is_some_and(|id| id as usize >= config.vocab_size) {
+        if top.is_some_and(|id| id as usize >= config.vocab_size) {
             return Err(load_err(
                 &tokenizer_path,
                 format!(

@@ -141,6 +141,9 @@ impl ModelMetadata {
                 ));
             }
         }
+        if self.inputs.is_empty() {
+            return Err(err("", "the model takes no inputs".into()));
+        }
         let batchable = self.batchable();
         let mut rows = None;
         for spec in &self.inputs {
@@ -190,9 +193,6 @@ impl ModelMetadata {
                 }
                 Some(_) => {}
             }
-        }
-        if self.inputs.is_empty() {
-            return Err(err("", "the model takes no inputs".into()));
         }
         Ok(rows.unwrap_or(1))
     }

@@ -657,17 +657,12 @@ impl OnnxEngine {
 /// dimension, rank or type that Cohort's own checks let through) is the client's mistake,
 /// an input error; any other failure of `run` is an inference failure.
 fn refused_input(meta: &ModelMetadata, msg: &str) -> EngineError {
-    // ORT names the input as "... for input: NAME ...".
-    let input = meta
-        .inputs
-        .iter()
-        .map(|s| s.name.as_str())
-        .find(|n| {
-            let at = format!("input: {n}");
-            msg.contains(&format!("{at} "))
-                || msg.contains(&format!("{at}\n"))
-                || msg.ends_with(&at)
-        })
+    // ORT names the input as "... for input: NAME ...": the word after the marker, if
+    // it is one of the model's inputs.
+    let input = msg
+        .split_once("input: ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .filter(|word| meta.inputs.iter().any(|s| s.name == *word))
         .unwrap_or_default();
     EngineError::Input(InputError {
         input: input.to_string(),

@@ -923,13 +923,14 @@ struct InferResponse<'a> {
     outputs: Vec<OutputJson<'a>>,
 }
 
-/// Builds the response: JSON alone, or JSON then the binary outputs.
+/// A requested output the model does not have (400).
 fn unknown_output(name: &str, have: Vec<&str>) -> ApiError {
     bad(format!(
         "unknown output {name:?}; the model returns {have:?}"
     ))
 }
 
+/// Builds the response: JSON alone, or JSON then the binary outputs.
 fn build_response(
     model: &str,
     version: &str,
