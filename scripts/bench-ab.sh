@@ -107,7 +107,7 @@ print('$label', '$model', 'req/s', round(d['requests_per_second']), 'p50_us', d[
         w0=$(ticks cohort-worker)
         r0=$(requests big-onnx)
         out=$("$bench" bench --url "http://$addr" --model big-onnx --concurrency 64 --duration 16s \
-            --protocol kserve-binary --raw-onnx "$work/models/big_mlp.onnx" --json)
+            --protocol kserve-binary --raw-onnx "$work/models/big_mlp.onnx" --raw-threads 2 --json)
         # The raw rounds leave the node idle, so its workers' ticks count only HTTP requests.
         local us_per_req
         us_per_req=$(python3 -c "print(round(($(ticks cohort-worker) - $w0) * 1e6 / $(getconf CLK_TCK) / max(1, $(requests big-onnx) - $r0), 1))")

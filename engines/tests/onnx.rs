@@ -311,18 +311,29 @@ fn batches_equal_their_rows() {
 #[test]
 fn raw_sessions_run_the_same_model_as_the_engine() {
     let path = models().dir.join("tiny_mlp.onnx");
-    let mut raw = onnx_raw::RawOnnx::open(&path, None, 1, 2, 8).unwrap();
+    let none = onnx_raw::Shapes::new();
+    let mut raw = onnx_raw::RawOnnx::open(&path, None, 1, 2, 8, &none).unwrap();
     let engine = load("tiny_mlp");
     assert_eq!(raw.metadata(), engine.metadata());
     assert_eq!((raw.sessions(), raw.batch()), (2, 8));
-    let calls = raw.run_for(Duration::from_millis(50)).unwrap();
-    assert!(calls >= 2, "both sessions ran at least once: {calls}");
+    let run = raw.run_for(Duration::from_millis(50)).unwrap();
+    assert!(run.calls >= 2, "both sessions ran at least once: {run:?}");
+    assert!(run.calls_per_second > 0.0, "{run:?}");
 
     // The batch the raw sessions run gives the engine's output shape.
-    let inputs = onnx_raw::batch_inputs(engine.metadata(), 8).unwrap();
+    let inputs = onnx_raw::batch_inputs(engine.metadata(), 8, &none).unwrap();
     let mut engine = engine;
     let out = engine.infer(&inputs).unwrap();
     assert_eq!(out["y"].shape, vec![8, 10]);
+}
+
+#[test]
+fn raw_batch_of_a_model_with_a_fixed_first_dim_is_the_models() {
+    // unbatched.onnx takes x as [1, 3]: each raw call runs 1 row, whatever --raw-batch says.
+    let path = models().dir.join("unbatched.onnx");
+    let mut raw = onnx_raw::RawOnnx::open(&path, None, 1, 1, 32, &onnx_raw::Shapes::new()).unwrap();
+    assert_eq!(raw.batch(), 1);
+    assert!(raw.run_for(Duration::from_millis(20)).unwrap().calls >= 1);
 }
 
 #[test]

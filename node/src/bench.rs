@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use bytes::Bytes;
-use cohort_engines::onnx_raw::RawOnnx;
+use cohort_engines::onnx_raw::{RawOnnx, RawRun, Shapes};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -137,6 +137,11 @@ pub enum Protocol {
 /// Runs `cohort bench`: builds the request body, runs the load and prints the
 /// report on stdout (progress notes go to stderr, and none with --json).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.duration <= MAX_DURATION && args.warmup <= MAX_DURATION,
+        "--duration and --warmup must each be at most {}",
+        humantime::format_duration(MAX_DURATION)
+    );
     let mut base = BaseUrl::parse(&args.url)?;
     if let Some(token) = &args.token {
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
@@ -202,25 +207,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             humantime::format_duration(args.duration),
         );
     }
-    let rows = rows_per_request(&body, inference_header);
+    let inputs = request_inputs(&body, inference_header);
     let (report, raw) = match &args.raw_onnx {
         None => (
             load(&target, body, concurrency, args.warmup, args.duration).await?,
             None,
         ),
         Some(model) => {
-            let rows = rows.context(
-                "--raw-onnx compares samples/s, but the number of rows in the request body \
-                 cannot be read (the first dimension of its first input)",
+            let inputs = inputs.context(
+                "--raw-onnx compares samples/s, but the inputs' shapes in the request body \
+                 cannot be read",
             )?;
-            let (report, raw) = compare_raw(&args, model, &target, body, concurrency).await?;
+            let rows = rows_of(&inputs);
+            let like: Shapes = inputs.into_iter().collect();
+            let (report, raw) =
+                compare_raw(&args, model, &like, &target, body, concurrency).await?;
+            ensure!(
+                report.ok > 0,
+                "--raw-onnx: no request succeeded, so there is nothing to compare ({})",
+                report.error_summary()
+            );
             (report, Some((raw, rows)))
         }
     };
     if args.json {
         let mut json = report.to_json();
         if let (Some((raw, rows)), Some(obj)) = (&raw, json.as_object_mut()) {
-            let samples = report.requests_per_second() * *rows as f64;
+            let samples = report.ok_per_second() * *rows as f64;
             obj.insert("rows_per_request".into(), Value::from(*rows));
             obj.insert("samples_per_second".into(), Value::from(samples));
             obj.insert("raw_onnx".into(), raw.to_json());
@@ -233,9 +246,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", report.to_text());
         if let Some((raw, rows)) = &raw {
-            let samples = report.requests_per_second() * *rows as f64;
+            let samples = report.ok_per_second() * *rows as f64;
             println!(
-                "samples/s:   {samples:.1}  ({rows} per request)\n\
+                "samples/s:   {samples:.1}  ({rows} per request, successful requests only)\n\
                  raw ONNX Runtime: {:.1} samples/s  (batch {}, {} session(s) x {} thread(s), \
                  rounds of {} alternating with the load above)\n\
                  vs raw:      {:.3}",
@@ -259,10 +272,11 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// The first dimension of the request's first input: the rows (samples) one request
-/// carries. Reads Cohort's `{"inputs": {name: nested arrays}}`, KServe v2 JSON, and the
-/// JSON header of a KServe binary request (`header_len` bytes).
-fn rows_per_request(body: &[u8], header_len: Option<usize>) -> Option<usize> {
+/// The name and shape of each input in a request body, in the body's order (name order for
+/// Cohort's form). Reads Cohort's `{"inputs": {name: nested arrays}}` (the shape follows the
+/// first element at each depth), KServe v2 JSON, and the JSON header of a KServe binary
+/// request (`header_len` bytes).
+fn request_inputs(body: &[u8], header_len: Option<usize>) -> Option<Vec<(String, Vec<usize>)>> {
     let json = match header_len {
         Some(n) => body.get(..n)?,
         None => body,
@@ -270,25 +284,62 @@ fn rows_per_request(body: &[u8], header_len: Option<usize>) -> Option<usize> {
     let value: Value = serde_json::from_slice(json).ok()?;
     match value.get("inputs")? {
         // KServe v2: [{"name", "shape", ...}]
-        Value::Array(inputs) => {
-            let shape = inputs.first()?.get("shape")?.as_array()?;
-            match shape.first() {
-                Some(d) => usize::try_from(d.as_u64()?).ok(),
-                None => Some(1),
-            }
-        }
+        Value::Array(inputs) if !inputs.is_empty() => inputs
+            .iter()
+            .map(|input| {
+                let name = input.get("name")?.as_str()?.to_string();
+                let shape = input
+                    .get("shape")?
+                    .as_array()?
+                    .iter()
+                    .map(|d| usize::try_from(d.as_u64()?).ok())
+                    .collect::<Option<Vec<_>>>()?;
+                Some((name, shape))
+            })
+            .collect(),
         // Cohort: {name: nested arrays}, in name order.
-        Value::Object(inputs) => match inputs.values().next()? {
-            Value::Array(rows) => Some(rows.len()),
-            _ => Some(1),
-        },
+        Value::Object(inputs) if !inputs.is_empty() => Some(
+            inputs
+                .iter()
+                .map(|(name, mut value)| {
+                    let mut shape = Vec::new();
+                    while let Value::Array(items) = value {
+                        shape.push(items.len());
+                        match items.first() {
+                            Some(first) => value = first,
+                            None => break,
+                        }
+                    }
+                    (name.clone(), shape)
+                })
+                .collect(),
+        ),
         _ => None,
     }
 }
 
+/// The rows (samples) one request carries: the first dimension of its first input (1 for a
+/// scalar).
+fn rows_of(inputs: &[(String, Vec<usize>)]) -> usize {
+    inputs
+        .first()
+        .and_then(|(_, shape)| shape.first().copied())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+fn rows_per_request(body: &[u8], header_len: Option<usize>) -> Option<usize> {
+    request_inputs(body, header_len).map(|inputs| rows_of(&inputs))
+}
+
 /// Bare ONNX Runtime throughput, measured in rounds between the HTTP load's.
 struct RawReport {
+    /// Calls that finished within the rounds.
     calls: u64,
+    /// Calls per second, the mean over the rounds (each round's from
+    /// [`RawOnnx::run_for`]).
+    calls_per_second: f64,
+    /// Rows in each call.
     batch: usize,
     sessions: usize,
     threads: usize,
@@ -298,12 +349,7 @@ struct RawReport {
 
 impl RawReport {
     fn samples_per_second(&self) -> f64 {
-        let secs = self.measured.as_secs_f64();
-        if secs > 0.0 {
-            self.calls as f64 * self.batch as f64 / secs
-        } else {
-            0.0
-        }
+        self.calls_per_second * self.batch as f64
     }
 
     fn to_json(&self) -> Value {
@@ -321,6 +367,11 @@ impl RawReport {
 
 /// How long a paused load may take to finish its requests in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// The shortest `--round`: below it timer granularity and each round's fixed costs
+/// (pausing the load, starting the raw threads) would weigh on the figures.
+const MIN_ROUND: Duration = Duration::from_millis(100);
+/// The longest `--duration` or `--warmup`.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// `--raw-onnx`: the HTTP load and bare ONNX Runtime sessions take turns in rounds of
 /// `args.round` until each has been measured for `args.duration`, the side that goes first
@@ -330,12 +381,17 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 async fn compare_raw(
     args: &BenchArgs,
     model: &std::path::Path,
+    like: &Shapes,
     target: &Target,
     body: Bytes,
     concurrency: usize,
 ) -> anyhow::Result<(Report, RawReport)> {
     ensure!(!args.duration.is_zero(), "duration must be more than 0");
-    ensure!(!args.round.is_zero(), "--round must be more than 0");
+    ensure!(
+        args.round >= MIN_ROUND,
+        "--round must be at least {}",
+        humantime::format_duration(MIN_ROUND)
+    );
     let threads = match args.raw_threads {
         Some(n) => usize::try_from(n)?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -344,9 +400,9 @@ async fn compare_raw(
         usize::try_from(args.raw_batch)?,
         usize::try_from(args.raw_sessions)?,
     );
-    let (path, library) = (model.to_path_buf(), args.onnx_library.clone());
+    let (path, library, like) = (model.to_path_buf(), args.onnx_library.clone(), like.clone());
     let mut raw = tokio::task::spawn_blocking(move || {
-        RawOnnx::open(&path, library.as_deref(), threads, sessions, batch)
+        RawOnnx::open(&path, library.as_deref(), threads, sessions, batch, &like)
     })
     .await
     .context("opening the raw ONNX Runtime sessions failed")?
@@ -357,8 +413,10 @@ async fn compare_raw(
         .max(1.0);
     let slice = args.duration.div_f64(rounds);
     let settle = (slice / 5).min(Duration::from_millis(200));
-    // The caller checked the duration; rounds is a small whole number.
+    // duration <= MAX_DURATION and round >= MIN_ROUND: at most 864,000 rounds.
     let rounds = rounds as u32;
+    // A model with a fixed first dimension runs its own rows, not --raw-batch.
+    let batch = raw.batch();
     if !args.json {
         eprintln!(
             "cohort bench: {rounds} rounds of {} per side, against bare ONNX Runtime on {} \
@@ -375,35 +433,41 @@ async fn compare_raw(
     raw = back;
     warmed?;
 
-    let mut calls = 0u64;
+    let (mut calls, mut rates, mut http_measured) = (0u64, 0.0, Duration::ZERO);
     for round in 0..rounds {
         for side in 0..2 {
             if (side + round) % 2 == 0 {
                 load.set(Phase::Warmup);
                 tokio::time::sleep(settle).await;
-                load.set(Phase::Measure);
-                tokio::time::sleep(slice).await;
+                http_measured += load.measure_for(slice).await;
                 load.pause(DRAIN_LIMIT).await?;
             } else {
                 let (back, settled) = run_raw(raw, settle).await?;
                 settled?;
                 let (back, measured) = run_raw(back, slice).await?;
-                calls += measured?;
+                let measured = measured?;
+                ensure!(
+                    measured.calls > 0,
+                    "no bare ONNX Runtime call finished within a round of {}: use a longer --round",
+                    humantime::format_duration(slice)
+                );
+                calls += measured.calls;
+                rates += measured.calls_per_second;
                 raw = back;
             }
         }
     }
-    let measured = slice * rounds;
-    let report = load.finish(measured).await?;
+    let report = load.finish(http_measured).await?;
     Ok((
         report,
         RawReport {
             calls,
+            calls_per_second: rates / f64::from(rounds),
             batch,
             sessions,
             threads,
             round: slice,
-            measured,
+            measured: slice * rounds,
         },
     ))
 }
@@ -412,7 +476,7 @@ async fn compare_raw(
 async fn run_raw(
     mut raw: RawOnnx,
     time: Duration,
-) -> anyhow::Result<(RawOnnx, anyhow::Result<u64>)> {
+) -> anyhow::Result<(RawOnnx, anyhow::Result<RawRun>)> {
     tokio::task::spawn_blocking(move || {
         let calls = raw.run_for(time).map_err(anyhow::Error::from);
         (raw, calls)
@@ -906,6 +970,8 @@ struct Report {
     concurrency: usize,
     /// Length of the measured window.
     duration: Duration,
+    /// Workers that stopped early after too many connection failures in a row.
+    gave_up: usize,
 }
 
 impl Report {
@@ -916,6 +982,7 @@ impl Report {
             errors: BTreeMap::new(),
             concurrency,
             duration,
+            gave_up: 0,
         })
     }
 
@@ -923,13 +990,36 @@ impl Report {
         self.errors.values().sum()
     }
 
-    fn requests_per_second(&self) -> f64 {
+    /// "N errors (400: n, io: m)", or "no errors".
+    fn error_summary(&self) -> String {
+        if self.errors.is_empty() {
+            return "no errors".into();
+        }
+        let by_kind: Vec<String> = self
+            .errors
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect();
+        format!("{} errors ({})", self.error_count(), by_kind.join(", "))
+    }
+
+    fn per_second(&self, n: u64) -> f64 {
         let secs = self.duration.as_secs_f64();
         if secs > 0.0 {
-            (self.ok + self.error_count()) as f64 / secs
+            n as f64 / secs
         } else {
             0.0
         }
+    }
+
+    /// All requests answered in the window, failed ones included, per second.
+    fn requests_per_second(&self) -> f64 {
+        self.per_second(self.ok + self.error_count())
+    }
+
+    /// Successful (2xx) requests per second.
+    fn ok_per_second(&self) -> f64 {
+        self.per_second(self.ok)
     }
 
     /// Latency percentiles in µs: p50, p90, p99, p99.9, max (all 0 when there
@@ -957,6 +1047,7 @@ impl Report {
             "ok": self.ok,
             "errors": self.errors,
             "concurrency": self.concurrency,
+            "workers_gave_up": self.gave_up,
             "duration_s": self.duration.as_secs_f64(),
         })
     }
@@ -985,16 +1076,14 @@ impl Report {
         if self.errors.is_empty() {
             let _ = writeln!(out, "errors:      0");
         } else {
-            let by_kind: Vec<String> = self
-                .errors
-                .iter()
-                .map(|(k, n)| format!("{k}: {n}"))
-                .collect();
+            let _ = writeln!(out, "errors:      {}", self.error_summary());
+        }
+        if self.gave_up > 0 {
             let _ = writeln!(
                 out,
-                "errors:      {} ({})",
-                self.error_count(),
-                by_kind.join(", ")
+                "gave up:     {} of {} workers stopped early ({MAX_CONSECUTIVE_FAILURES} \
+                 connection failures in a row)",
+                self.gave_up, self.concurrency
             );
         }
         out
@@ -1065,10 +1154,24 @@ impl Load {
         self.shared.phase.send_replace(phase);
     }
 
+    /// Records responses for about `time`; returns how long the workers were told to.
+    async fn measure_for(&self, time: Duration) -> Duration {
+        self.set(Phase::Measure);
+        let start = Instant::now();
+        tokio::time::sleep(time).await;
+        let measured = start.elapsed();
+        // Nothing is recorded from here on.
+        self.set(Phase::Warmup);
+        measured
+    }
+
     /// Pauses the workers and waits, at most `limit`, until no request is in flight.
     async fn pause(&self, limit: Duration) -> anyhow::Result<()> {
-        use std::sync::atomic::Ordering;
+        use std::sync::atomic::{fence, Ordering};
         self.set(Phase::Pause);
+        // Pairs with the fence in `worker`: a worker that counted itself in flight after
+        // this point sees the pause and sends nothing.
+        fence(Ordering::SeqCst);
         let deadline = Instant::now() + limit;
         loop {
             let idle = self.shared.idle.notified();
@@ -1086,11 +1189,11 @@ impl Load {
 
     /// Stops the workers and merges what they recorded; `measured` is the time spent in
     /// [`Phase::Measure`].
-    async fn finish(self, measured: Duration) -> anyhow::Result<Report> {
+    async fn finish(mut self, measured: Duration) -> anyhow::Result<Report> {
         self.set(Phase::Stop);
         let mut report = Report::empty(self.concurrency, measured)?;
         let mut gave_up = Vec::new();
-        for handle in self.workers {
+        for handle in std::mem::take(&mut self.workers) {
             let result = handle.await.context("bench worker failed")??;
             report
                 .latency
@@ -1102,6 +1205,7 @@ impl Load {
             }
             gave_up.extend(result.gave_up);
         }
+        report.gave_up = gave_up.len();
         if let Some(reason) = gave_up.first() {
             if gave_up.len() == self.concurrency && report.ok == 0 {
                 bail!(
@@ -1121,6 +1225,13 @@ impl Load {
     }
 }
 
+impl Drop for Load {
+    /// A load given up on (an error in the middle of a run) stops its workers.
+    fn drop(&mut self) {
+        self.set(Phase::Stop);
+    }
+}
+
 /// Runs `concurrency` closed-loop workers POSTing `body` to `target` for
 /// `warmup + duration`; only responses completed after the warmup count.
 async fn load(
@@ -1133,9 +1244,8 @@ async fn load(
     ensure!(!duration.is_zero(), "duration must be more than 0");
     let load = Load::start(target, body, concurrency)?;
     tokio::time::sleep(warmup).await;
-    load.set(Phase::Measure);
-    tokio::time::sleep(duration).await;
-    load.finish(duration).await
+    let measured = load.measure_for(duration).await;
+    load.finish(measured).await
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -1209,6 +1319,13 @@ async fn worker(shared: Arc<Shared>, concurrency: usize) -> anyhow::Result<Worke
 
         let request = shared.target.post(shared.body.clone())?;
         let in_flight = InFlight::new(&shared);
+        // Counted in flight first, then the phase read again (pairs with the fence in
+        // `Load::pause`): a pause that came after the check above, while this worker was
+        // connecting, is seen here, and nothing is sent during it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if matches!(*phase.borrow(), Phase::Pause | Phase::Stop) {
+            continue;
+        }
         let outcome = tokio::select! {
             outcome = c.roundtrip(request) => outcome,
             // Stopped: the request in flight is not counted.
@@ -1458,8 +1575,12 @@ mod tests {
         assert_eq!(json["errors"]["io"].as_u64(), Some(2));
         assert_eq!(json["concurrency"].as_u64(), Some(4));
         assert_eq!(json["duration_s"].as_f64(), Some(2.0));
+        assert_eq!(json["workers_gave_up"].as_u64(), Some(0));
         let keys: Vec<&String> = json.as_object().expect("object").keys().collect();
-        assert_eq!(keys.len(), 6);
+        assert_eq!(keys.len(), 7);
+        // Samples count successful requests only; requests/s counts every answer.
+        assert_eq!(report.ok_per_second(), 500.0);
+        assert_eq!(report.error_summary(), "8 errors (503: 6, io: 2)");
 
         let text = report.to_text();
         assert!(text.contains("requests/s:  504.0"), "{text}");
@@ -1472,6 +1593,41 @@ mod tests {
         assert_eq!(empty.to_json()["latency_us"]["p99"].as_u64(), Some(0));
         assert_eq!(empty.to_json()["errors"], serde_json::json!({}));
         assert!(empty.to_text().contains("n/a"));
+        assert_eq!(empty.error_summary(), "no errors");
+
+        let mut gave_up = empty;
+        gave_up.gave_up = 1;
+        assert!(gave_up.to_text().contains("1 of 1 workers stopped early"));
+    }
+
+    #[test]
+    fn request_inputs_give_each_inputs_shape() {
+        let cohort =
+            br#"{"inputs": {"x": [[1.0, 2.0], [3.0, 4.0]], "ids": [[[1], [2]]], "t": "s"}}"#;
+        let inputs = request_inputs(cohort, None).expect("readable");
+        assert_eq!(
+            inputs,
+            vec![
+                ("ids".to_string(), vec![1, 2, 1]),
+                ("t".to_string(), vec![]),
+                ("x".to_string(), vec![2, 2]),
+            ]
+        );
+        let kserve =
+            br#"{"inputs": [{"name": "x", "shape": [32, 1024]}, {"name": "m", "shape": [32, 8]}]}"#;
+        let inputs = request_inputs(kserve, None).expect("readable");
+        assert_eq!(
+            inputs,
+            vec![
+                ("x".to_string(), vec![32, 1024]),
+                ("m".to_string(), vec![32, 8])
+            ]
+        );
+        assert_eq!(rows_of(&inputs), 32);
+        assert_eq!(request_inputs(br#"{"inputs": []}"#, None), None);
+        assert_eq!(request_inputs(br#"{"inputs": {}}"#, None), None);
+        let bad = br#"{"inputs": [{"name": "x", "shape": [-1, 4]}]}"#;
+        assert_eq!(request_inputs(bad, None), None);
     }
 
     #[test]
@@ -1651,11 +1807,93 @@ mod tests {
         assert_eq!(report.latency.len(), report.ok);
         let json = report.to_json();
         assert_eq!(json["concurrency"].as_u64(), Some(2));
-        assert_eq!(json["duration_s"].as_f64(), Some(1.0));
+        // The window actually measured: at least the one asked for.
+        assert!(
+            json["duration_s"]
+                .as_f64()
+                .is_some_and(|d| (1.0..2.0).contains(&d)),
+            "{json}"
+        );
         assert!(json["requests_per_second"]
             .as_f64()
             .is_some_and(|r| r > 0.0));
         assert!(json["latency_us"]["p50"].as_u64().is_some_and(|p| p >= 1));
+    }
+
+    /// A server that answers each request with `connection: close` and counts requests.
+    async fn spawn_closing_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt as _;
+                    let mut buf = Vec::new();
+                    loop {
+                        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                        if !read_some(&stream, &mut buf).await {
+                            return;
+                        }
+                    }
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let response =
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+                    let _ = stream.write_all(response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_load_sends_nothing_even_while_reconnecting() {
+        use std::sync::atomic::Ordering;
+        let (addr, seen) = spawn_closing_server().await;
+        let load = Load::start(&target_for(addr), Bytes::from_static(b"{}"), 8).expect("starts");
+        for _ in 0..5 {
+            load.measure_for(Duration::from_millis(50)).await;
+            load.pause(Duration::from_secs(10)).await.expect("drains");
+            // Every worker reconnects after each answer; none may send while paused.
+            let before = seen.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                seen.load(Ordering::SeqCst),
+                before,
+                "a request during a pause"
+            );
+        }
+        let report = load
+            .finish(Duration::from_millis(250))
+            .await
+            .expect("report");
+        assert!(report.ok > 0, "{report:?}");
+
+        // A load dropped without finish stops its workers.
+        let load = Load::start(&target_for(addr), Bytes::from_static(b"{}"), 4).expect("starts");
+        let start = seen.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.load(Ordering::SeqCst) == start {
+            assert!(Instant::now() < deadline, "the load never sent anything");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(load);
+        // Requests already on their way may land; then nothing more.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = seen.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            after,
+            "workers kept sending after drop"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

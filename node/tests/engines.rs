@@ -317,13 +317,17 @@ async fn bench_compares_the_node_with_raw_onnx_runtime() {
     let mut tiny = ModelConfig::new("tiny-onnx", EngineKind::Onnx);
     tiny.path = Some(model.clone());
     tiny.options.intra_op_threads = Some(1);
-    let n = start(vec![tiny]).await;
+    let mut unbatched = ModelConfig::new("unbatched", EngineKind::Onnx);
+    unbatched.path = Some(dir.join("unbatched.onnx"));
+    unbatched.options.intra_op_threads = Some(1);
+    let n = start(vec![tiny, unbatched]).await;
 
-    let bench = |raw: PathBuf| {
+    let bench_model = |name: &'static str, raw: PathBuf, extra: Vec<String>| {
         let url = n.url.clone();
         tokio::task::spawn_blocking(move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
-                .args(["bench", "--url", &url, "--model", "tiny-onnx"])
+                .args(["bench", "--url", &url, "--model", name])
+                .args(extra)
                 .args([
                     "--concurrency",
                     "4",
@@ -340,7 +344,8 @@ async fn bench_compares_the_node_with_raw_onnx_runtime() {
                 .expect("bench runs")
         })
     };
-    let out = bench(model).await.expect("task");
+    let bench = |raw: PathBuf| bench_model("tiny-onnx", raw, vec![]);
+    let out = bench(model.clone()).await.expect("task");
     assert!(
         out.status.success(),
         "{}",
@@ -362,6 +367,34 @@ async fn bench_compares_the_node_with_raw_onnx_runtime() {
     let vs_raw = report["vs_raw"].as_f64().expect("vs_raw");
     assert!(samples > 0.0 && raw_samples > 0.0, "{report}");
     assert!((vs_raw - samples / raw_samples).abs() < 0.01, "{report}");
+
+    // A model without a batch dimension runs 1 row per raw call, whatever --raw-batch says.
+    let out = bench_model("unbatched", dir.join("unbatched.onnx"), vec![])
+        .await
+        .expect("task");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["raw_onnx"]["batch"], 1, "{report}");
+    assert_eq!(report["rows_per_request"], 1, "{report}");
+
+    // Failed requests are not samples: when none succeeds there is nothing to compare.
+    let body = dir.join("wrong-shape.json");
+    std::fs::write(&body, br#"{"inputs": {"x": [[1.0, 2.0]]}}"#).expect("written");
+    let out = bench_model(
+        "tiny-onnx",
+        model,
+        vec!["--body".into(), body.display().to_string()],
+    )
+    .await
+    .expect("task");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no request succeeded"), "{err}");
+    assert!(err.contains("400"), "{err}");
 
     // A file that is not a model: a clear error and a non-zero exit, before any load.
     let bad = dir.join("not-a-model.onnx");
