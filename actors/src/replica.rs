@@ -266,6 +266,19 @@ impl ReplicaShared {
         }
     }
 
+    /// Rows in each part of a request of `rows` rows and `tokens` tokens: the request
+    /// itself (`rows`) when one engine call may take it, else parts of at most
+    /// [`max_rows`](Self::max_rows) rows, and for a text model over `max_batch_tokens` as
+    /// many rows as fit in it at the request's mean tokens per row (at least 1).
+    pub fn part_rows(&self, rows: usize, tokens: usize) -> usize {
+        part_rows(
+            rows,
+            tokens,
+            self.max_rows(),
+            self.batching.max_batch_tokens,
+        )
+    }
+
     /// Requests waiting in the queue.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
@@ -711,8 +724,36 @@ fn run_batch(
     }
 }
 
+/// See [`ReplicaShared::part_rows`]; `max_tokens` 0 is no token limit.
+fn part_rows(rows: usize, tokens: usize, max_rows: usize, max_tokens: usize) -> usize {
+    let mut part = rows.min(max_rows).max(1);
+    if max_tokens > 0 && tokens > max_tokens && rows > 1 {
+        let per_row = tokens.div_ceil(rows);
+        part = part.min((max_tokens / per_row).max(1));
+    }
+    part
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn part_rows_keep_a_request_whole_when_it_fits() {
+        use super::part_rows;
+        // Fits: the request itself.
+        assert_eq!(part_rows(10, 0, 32, 0), 10);
+        assert_eq!(part_rows(32, 500, 32, 1000), 32);
+        // Too many rows: parts of max_rows.
+        assert_eq!(part_rows(100, 0, 32, 0), 32);
+        // Too many tokens: rows that fit at the mean tokens per row (100 here).
+        assert_eq!(part_rows(20, 2000, 32, 1000), 10);
+        assert_eq!(part_rows(100, 10_000, 32, 1000), 10);
+        // One row over the token limit still goes, alone.
+        assert_eq!(part_rows(4, 8000, 32, 1000), 1);
+        assert_eq!(part_rows(1, 8000, 32, 1000), 1);
+        // Never 0.
+        assert_eq!(part_rows(0, 0, 0, 0), 1);
+    }
+
     use super::*;
     use cohort_config::EngineKind;
 

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use cohort_actors::{InferError, InferOutput, Pending, Priority, ReplicaShared};
-use cohort_engines::TensorMap;
+use cohort_engines::{concat_maps, split_map, TensorMap};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
@@ -81,14 +81,22 @@ struct InferResponse<'a> {
     batch_size: usize,
 }
 
-/// A request queued on a replica, waiting for its answer.
+/// A request queued on a replica, waiting for its answer: one part, or, for a request
+/// larger than one engine call may take, several parts queued as requests of their own
+/// (on any replicas), in row order.
 pub(crate) struct Queued {
+    /// The replica that took the first part.
     replica: Arc<ReplicaShared>,
     /// The request's tokens, for text models (0 otherwise).
     pub(crate) tokens: usize,
-    rx: oneshot::Receiver<Result<InferOutput, InferError>>,
+    parts: Vec<QueuedPart>,
     deadline: tokio::time::Instant,
     timeout_ms: u64,
+}
+
+struct QueuedPart {
+    replica: Arc<ReplicaShared>,
+    rx: oneshot::Receiver<Result<InferOutput, InferError>>,
 }
 
 /// Checks a request's deadline: the node's default when none is given, else within
@@ -170,7 +178,11 @@ pub(crate) fn submit_tensors(
     )
 }
 
-/// Checks `inputs` against the replica's metadata and queues them on it.
+/// Checks `inputs` against the replica's metadata and queues them on it. A request with
+/// more rows than one engine call takes ([`ReplicaShared::part_rows`]) is queued as parts
+/// that the router places one by one; [`answer`] joins their outputs in order. A part
+/// that cannot be queued fails the request, and the parts queued before it are dropped
+/// unanswered (their caller is gone, so they never reach an engine).
 fn enqueue(
     state: &AppState,
     model: &str,
@@ -188,44 +200,114 @@ fn enqueue(
         .map_err(InferError::InvalidInput)?;
 
     let tokens = replica.count_tokens(&inputs);
-    let (tx, rx) = oneshot::channel();
+    let part = replica.part_rows(rows, tokens);
+    let parts: Vec<(TensorMap, usize, usize)> = if part >= rows {
+        vec![(inputs, rows, tokens)]
+    } else {
+        let sizes: Vec<usize> = (0..rows)
+            .step_by(part)
+            .map(|start| part.min(rows - start))
+            .collect();
+        let maps = split_map(&inputs, &sizes).map_err(|e| {
+            ApiError::InferenceFailed(format!("cannot split a request of {rows} rows: {e}"))
+        })?;
+        maps.into_iter()
+            .zip(sizes)
+            .map(|(m, n)| {
+                let t = replica.count_tokens(&m);
+                (m, n, t)
+            })
+            .collect()
+    };
     let now = Instant::now();
     let timeout = Duration::from_millis(timeout_ms);
-    let pending = Pending {
-        request_id: request_id.to_string(),
-        inputs,
-        rows,
-        tokens,
-        priority,
-        enqueued: now,
-        deadline: now + timeout,
-        timeout_ms,
-        reply: tx.into(),
-        span: tracing::Span::current(),
-    };
-    let replica = state.ctx.router.submit(model, replica, pending)?;
+    let mut queued = Vec::with_capacity(parts.len());
+    let mut next = replica;
+    for (inputs, rows, tokens) in parts {
+        if !queued.is_empty() {
+            // Each part goes where the router would send a request of its own.
+            next = state.ctx.router.pick(model)?;
+        }
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            request_id: request_id.to_string(),
+            inputs,
+            rows,
+            tokens,
+            priority,
+            enqueued: now,
+            deadline: now + timeout,
+            timeout_ms,
+            reply: tx.into(),
+            span: tracing::Span::current(),
+        };
+        let replica = state.ctx.router.submit(model, next.clone(), pending)?;
+        queued.push(QueuedPart { replica, rx });
+    }
+    let first = queued
+        .first()
+        .map(|p| Arc::clone(&p.replica))
+        .ok_or_else(|| ApiError::InferenceFailed("a request with no parts".into()))?;
     Ok(Queued {
-        replica,
+        replica: first,
         tokens,
-        rx,
+        parts: queued,
         deadline: tokio::time::Instant::from_std(now + timeout),
         timeout_ms,
     })
 }
 
-/// Waits for a queued request's answer until its deadline.
+/// Waits for a queued request's answer until its deadline. The answers of a request in
+/// parts are joined: outputs concatenated in row order, the longest queue wait, the
+/// engine time summed, the largest batch, and the replicas that served it (distinct, in
+/// order, comma-separated). The first part that fails fails the request; the parts not yet
+/// answered are dropped.
 pub(crate) async fn answer(q: Queued) -> Result<InferOutput, ApiError> {
-    match tokio::time::timeout_at(q.deadline, q.rx).await {
-        Ok(Ok(result)) => result.map_err(ApiError::from),
-        Ok(Err(_closed)) => Err(ApiError::InferenceFailed(format!(
-            "replica {} stopped before answering",
-            q.replica.id
-        ))),
-        Err(_elapsed) => Err(InferError::Timeout {
-            timeout_ms: q.timeout_ms,
-        }
-        .into()),
+    let mut outs = Vec::with_capacity(q.parts.len());
+    for part in q.parts {
+        let out = match tokio::time::timeout_at(q.deadline, part.rx).await {
+            Ok(Ok(result)) => result.map_err(ApiError::from)?,
+            Ok(Err(_closed)) => {
+                return Err(ApiError::InferenceFailed(format!(
+                    "replica {} stopped before answering",
+                    part.replica.id
+                )))
+            }
+            Err(_elapsed) => {
+                return Err(InferError::Timeout {
+                    timeout_ms: q.timeout_ms,
+                }
+                .into())
+            }
+        };
+        outs.push(out);
     }
+    join_parts(outs)
+}
+
+fn join_parts(mut outs: Vec<InferOutput>) -> Result<InferOutput, ApiError> {
+    if outs.len() == 1 {
+        if let Some(out) = outs.pop() {
+            return Ok(out);
+        }
+    }
+    let maps: Vec<&TensorMap> = outs.iter().map(|o| &o.outputs).collect();
+    let outputs = concat_maps(&maps).map_err(|e| {
+        ApiError::InferenceFailed(format!("cannot join the parts of a request: {e}"))
+    })?;
+    let mut replicas: Vec<&str> = Vec::new();
+    for o in &outs {
+        if !replicas.contains(&o.replica.as_str()) {
+            replicas.push(&o.replica);
+        }
+    }
+    Ok(InferOutput {
+        replica: replicas.join(","),
+        queue_us: outs.iter().map(|o| o.queue_us).max().unwrap_or(0),
+        compute_us: outs.iter().map(|o| o.compute_us).sum(),
+        batch_size: outs.iter().map(|o| o.batch_size).max().unwrap_or(0),
+        outputs,
+    })
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

@@ -544,3 +544,47 @@ async fn a_request_that_times_out_in_the_queue_counts_in_the_queue_delay() {
     assert!(eventually(Duration::from_secs(5), count).await);
     n.node.shutdown().await;
 }
+
+/// A request with more rows than `max_batch_size` is queued as parts of at most that many
+/// rows (no engine call takes more), placed on the replicas one by one, and answered as
+/// one response in row order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_a_batch_is_served_in_parts() {
+    let mut e = ModelConfig::new("small-batches", EngineKind::Echo);
+    e.batching.max_batch_size = 4;
+    e.replicas = 2;
+    let n = start(vec![e]).await;
+    let rows: Vec<Vec<f32>> = (0..10).map(|i| vec![i as f32, -(i as f32)]).collect();
+    let (status, _, body) = n
+        .post(
+            "/api/v1/models/small-batches/infer",
+            &json!({"inputs": {"x": rows}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"]["y"], json!(rows), "every row, in order");
+    assert!(
+        body["batch_size"].as_u64().is_some_and(|b| b >= 1),
+        "{body}"
+    );
+    // 10 rows at most 4 per engine call: 3 parts (4 + 4 + 2), served as 3 requests.
+    let served: u64 = replicas_of(&n, "small-batches")
+        .await
+        .iter()
+        .map(|r| r["served"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(served, 3);
+    // A request that fits is one part.
+    let (status, _, body) = n
+        .post(
+            "/api/v1/models/small-batches/infer",
+            &json!({"inputs": {"x": [[1.0, 2.0], [3.0, 4.0]]}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body["replica"].as_str().unwrap_or(",").contains(','),
+        "{body}"
+    );
+    n.node.shutdown().await;
+}
