@@ -205,6 +205,9 @@ pub struct HttpSection {
     pub header_read_timeout_ms: u64,
     /// A client must send a request's whole body within this long (408 otherwise).
     pub body_read_timeout_ms: u64,
+    /// Writing an answer may make no progress (the client reads nothing) for at most this
+    /// long; then the connection is closed and the answer dropped.
+    pub write_timeout_ms: u64,
     /// Largest request header block, in bytes (431 above it).
     pub max_header_bytes: usize,
     /// Deepest nesting of arrays and objects accepted in a JSON body (400 above it).
@@ -221,6 +224,7 @@ impl Default for HttpSection {
         HttpSection {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
             max_header_bytes: 16 * 1024,
             max_json_depth: 64,
             max_concurrent_requests: 4096,
@@ -714,6 +718,12 @@ impl NodeConfig {
                 "must be between 100 and 3600000",
             );
         }
+        if !(100..=3_600_000).contains(&h.write_timeout_ms) {
+            err(
+                "http.write_timeout_ms".into(),
+                "must be between 100 and 3600000",
+            );
+        }
         if !(8192..=1 << 20).contains(&h.max_header_bytes) {
             err(
                 "http.max_header_bytes".into(),
@@ -1101,6 +1111,18 @@ mod tests {
         cfg.auth.insecure = true;
         assert!(cfg.validate().is_ok());
         assert!(!cfg.auth_enabled());
+    }
+
+    #[test]
+    fn write_timeout_is_checked() {
+        let mut cfg = NodeConfig::default();
+        assert_eq!(cfg.http.write_timeout_ms, 30_000);
+        cfg.http.write_timeout_ms = 50;
+        let errs = cfg.validate().unwrap_err();
+        assert_eq!(errs[0].path, "http.write_timeout_ms");
+        let toml: NodeConfig = toml::from_str("[http]\nwrite_timeout_ms = 2000\n").unwrap();
+        assert_eq!(toml.http.write_timeout_ms, 2000);
+        assert!(toml.validate().is_ok());
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! - [`serve`]: the accept loop. Each connection is HTTP/1.1 served by hyper with a timeout
 //!   on reading a request's header block (`header_read_timeout_ms`, the connection is
 //!   closed; it also bounds how long an idle keep-alive connection stays open) and a limit
-//!   on its size (`max_header_bytes`, 431). Accept errors (too many open files...) are
+//!   on its size (`max_header_bytes`, 431). Writing an answer to a client that stops
+//!   reading fails after `write_timeout_ms` without progress ([`WriteDeadline`]), and the
+//!   connection is closed, so an unread answer is not held in memory for as long as the
+//!   client keeps the connection open. Accept errors (too many open files...) are
 //!   logged and retried after a short pause. When asked to stop, it stops accepting, lets
 //!   the requests in flight finish, and closes the connections.
 //! - [`guard`], a middleware: a deadline on receiving a request's body
@@ -63,6 +66,7 @@ pub(crate) async fn serve(
         .header_read_timeout(Duration::from_millis(http.header_read_timeout_ms))
         .max_header_size(http.max_header_bytes)
         .keep_alive(true);
+    let write_timeout = Duration::from_millis(http.write_timeout_ms);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -88,6 +92,7 @@ pub(crate) async fn serve(
             req.extensions_mut().insert(ConnectInfo(remote));
             app.clone().oneshot(req)
         });
+        let stream = WriteDeadline::new(stream, write_timeout);
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -100,6 +105,94 @@ pub(crate) async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A connection whose writes fail with `TimedOut` once one has made no progress for
+/// `timeout`: a client that stops reading its answer (its receive window full) loses the
+/// connection, and the answer's buffers are freed. Each byte the client takes restarts
+/// the clock, so a slow reader that keeps reading is served.
+pub(crate) struct WriteDeadline<S> {
+    inner: S,
+    timeout: Duration,
+    /// Set while a write is blocked: when it started waiting, plus `timeout`.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    pub(crate) fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write returned `poll`: clears the clock on progress, starts it on
+    /// a block, and turns a block that outlived it into `TimedOut`.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {timeout:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Errors about one connection (the client gave up before it was accepted): accept the
@@ -454,6 +547,50 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_write_that_makes_no_progress_times_out() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let timeout = Duration::from_millis(100);
+        // Nobody reads: the 64-byte pipe fills and the write stalls.
+        let (a, _b) = tokio::io::duplex(64);
+        let mut w = WriteDeadline::new(a, timeout);
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(10), w.write_all(&[7u8; 4096]))
+            .await
+            .expect("the write gives up by itself")
+            .expect_err("nobody reads");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= timeout);
+
+        // A reader that keeps taking bytes, each well within the timeout, is served in full
+        // even though the whole write takes longer than the timeout.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut w = WriteDeadline::new(a, timeout);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match b.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        w.write_all(&[9u8; 640])
+            .await
+            .expect("a slow reader is served");
+        assert!(
+            started.elapsed() > timeout,
+            "the write outlasted the timeout"
+        );
+        w.shutdown().await.expect("shut down");
+        drop(w);
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), 640);
+    }
 
     fn depth_ok(s: &str, max: usize) -> bool {
         check_json_depth(s.as_bytes(), max).is_ok()

@@ -443,3 +443,65 @@ async fn cors_star_allows_any_origin() {
     assert_eq!(res.headers()["access-control-allow-origin"], "*");
     n.node.shutdown().await;
 }
+
+/// A client that never reads its answer: once the write has made no progress for
+/// `write_timeout_ms`, the connection is closed and the rest of the answer dropped,
+/// instead of being held for as long as the client keeps the connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_answer_is_disconnected() {
+    let n = start_with(vec![], |cfg| {
+        cfg.http.write_timeout_ms = 300;
+        cfg.limits.max_body_bytes = 32 * 1024 * 1024;
+    })
+    .await;
+    // An answer far larger than what the kernel buffers between the two sockets (a few
+    // MB on loopback, less with the client's small receive buffer).
+    let row = vec!["0.5"; 2_000_000].join(",");
+    let body = format!(r#"{{"inputs": {{"x": [[{row}]]}}}}"#);
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut s = socket.connect(addr(&n)).await.expect("connect");
+    let head = format!(
+        "POST /api/v1/models/echo/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(body.as_bytes()).await.expect("body");
+
+    // Wait until the answer has been produced (the handler counted it)...
+    let done = || async {
+        let (_, text) = n.get_text("/metrics").await;
+        text.lines().any(|l| {
+            l.starts_with("cohort_requests_total{")
+                && l.contains(r#"model="echo""#)
+                && l.contains(r#"status="200""#)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(60), done).await,
+        "the echo answer was never produced"
+    );
+    // ...then read nothing for several times the write timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // What the kernel had buffered arrives, then the end: the answer was cut short.
+    let r = read_until_closed(&mut s, Instant::now(), Duration::from_secs(20)).await;
+    assert!(r.closed, "the connection is still open after {:?}", r.after);
+    assert_eq!(r.status(), 200);
+    let announced: usize = r
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .expect("content-length");
+    let got = r.text().split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    assert!(
+        got < announced,
+        "the whole answer arrived: {got} of {announced}"
+    );
+
+    // Other clients are served.
+    let (status, _) = n.get("/healthz").await;
+    assert_eq!(status, 200);
+    n.node.shutdown().await;
+}
