@@ -89,6 +89,22 @@ pub struct Caller {
     pub allowed_models: Option<Arc<[String]>>,
     /// The client's address, when known.
     pub ip: Option<IpAddr>,
+    /// An inference route whose model is in the body (`/v1/embeddings`): the rate limit
+    /// and quota are charged by [`Caller::use_model`] once the handler knows the model and
+    /// the token may use it, not by the middleware.
+    deferred: Option<Arc<Charge>>,
+}
+
+/// What one inference request costs a token: a request from its rate limit and one from
+/// its monthly quota.
+#[derive(Debug)]
+struct Charge {
+    id: String,
+    rate_per_minute: Option<u32>,
+    monthly_quota: Option<u64>,
+    /// The token's usage this month, as stored, when it was checked.
+    used: u64,
+    now_ms: u64,
 }
 
 impl Caller {
@@ -99,6 +115,22 @@ impl Caller {
             admin: true,
             allowed_models: None,
             ip,
+            deferred: None,
+        }
+    }
+
+    /// For a route whose model is in the body: 403 unless this caller may use `model`,
+    /// then the rate limit and quota (429), charged only now, so a request for a model the
+    /// token may not use costs it nothing.
+    pub fn use_model(&self, state: &AppState, model: &str) -> Result<(), ApiError> {
+        self.check_model(model).inspect_err(|e| {
+            state.ctx.metrics.rejected(reject_reason(e));
+        })?;
+        match &self.deferred {
+            Some(charge) => charge_token(state, charge).inspect_err(|e| {
+                state.ctx.metrics.rejected(reject_reason(e));
+            }),
+            None => Ok(()),
         }
     }
 
@@ -411,14 +443,7 @@ pub async fn authenticate(
             res
         }
         Err((e, token)) => {
-            state.ctx.metrics.rejected(match &e {
-                ApiError::Unauthenticated(_) => RejectReason::Unauthenticated,
-                ApiError::Forbidden(_) => RejectReason::Forbidden,
-                ApiError::RateLimited { message, .. } if message.contains("quota") => {
-                    RejectReason::Quota
-                }
-                _ => RejectReason::RateLimited,
-            });
+            state.ctx.metrics.rejected(reject_reason(&e));
             let mut res = dialect.error(e);
             if let Some(id) = token {
                 res.extensions_mut()
@@ -426,6 +451,16 @@ pub async fn authenticate(
             }
             res
         }
+    }
+}
+
+/// How a refusal is counted in `cohort_auth_rejections_total`.
+fn reject_reason(e: &ApiError) -> RejectReason {
+    match e {
+        ApiError::Unauthenticated(_) => RejectReason::Unauthenticated,
+        ApiError::Forbidden(_) => RejectReason::Forbidden,
+        ApiError::RateLimited { message, .. } if message.contains("quota") => RejectReason::Quota,
+        _ => RejectReason::RateLimited,
     }
 }
 
@@ -461,26 +496,21 @@ fn check_token(
     let now = cohort_cluster::raft_actor::now_ms();
     let model = path_model(template, path);
     authorize(token, access, model.as_deref(), ip, now)?;
+    let mut deferred = None;
     if access == Access::Infer {
-        if let Some(rate) = token.rate_per_minute {
-            state
-                .auth
-                .take_rate(&token.id, rate)
-                .map_err(|s| ApiError::RateLimited {
-                    message: format!("over the token's rate limit of {rate} requests a minute"),
-                    retry_after_s: s,
-                })?;
+        let charge = Charge {
+            id: token.id.clone(),
+            rate_per_minute: token.rate_per_minute,
+            monthly_quota: token.monthly_quota,
+            used: token.used_in(now),
+            now_ms: now,
+        };
+        if model.is_some() {
+            charge_token(state, &charge)?;
+        } else {
+            // The model is in the body: the handler charges once it has checked it.
+            deferred = Some(Arc::new(charge));
         }
-        if let Some(quota) = token.monthly_quota {
-            let used = token.used_in(now) + state.auth.pending_of(&token.id);
-            if used >= quota {
-                return Err(ApiError::RateLimited {
-                    message: format!("over the token's monthly quota of {quota} requests"),
-                    retry_after_s: next_month_start_ms(now).saturating_sub(now).div_ceil(1000),
-                });
-            }
-        }
-        state.auth.count(&token.id);
     }
     Ok(Caller {
         who: Arc::from(token.id.as_str()),
@@ -488,7 +518,33 @@ fn check_token(
         allowed_models: (!token.allowed_models.is_empty())
             .then(|| Arc::from(token.allowed_models.clone())),
         ip,
+        deferred,
     })
+}
+
+/// Takes one request from the token's rate limit and counts one against its quota.
+fn charge_token(state: &AppState, c: &Charge) -> Result<(), ApiError> {
+    if let Some(rate) = c.rate_per_minute {
+        state
+            .auth
+            .take_rate(&c.id, rate)
+            .map_err(|s| ApiError::RateLimited {
+                message: format!("over the token's rate limit of {rate} requests a minute"),
+                retry_after_s: s,
+            })?;
+    }
+    if let Some(quota) = c.monthly_quota {
+        if c.used + state.auth.pending_of(&c.id) >= quota {
+            return Err(ApiError::RateLimited {
+                message: format!("over the token's monthly quota of {quota} requests"),
+                retry_after_s: next_month_start_ms(c.now_ms)
+                    .saturating_sub(c.now_ms)
+                    .div_ceil(1000),
+            });
+        }
+    }
+    state.auth.count(&c.id);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -287,10 +287,13 @@ async fn run_embeddings(
     *model_out = req.model.clone();
     let model = req.model.as_str();
     // The token's models before anything else: no answer tells it which models exist.
-    caller.check_model(model).map_err(|error| OpenAiError {
-        error,
-        param: Some("model"),
-    })?;
+    // Only then is the request charged to the token's rate limit and quota.
+    caller
+        .use_model(state, model)
+        .map_err(|error| OpenAiError {
+            error,
+            param: Some("model"),
+        })?;
 
     // The model first: an unknown model is 404 whatever the rest says.
     let meta = {
@@ -362,7 +365,7 @@ async fn run_embeddings(
     let tensor = Tensor::new(vec![n], TensorData::String(texts))
         .map_err(|e| ApiError::invalid(format!("cannot build the input tensor: {e}")))?;
     inputs.insert(input_name, tensor);
-    // All strings as one request of n rows.
+    // All strings as one request of n rows (queued in parts of at most a batch).
     let queued = inference::submit_tensors(state, model, inputs, None, &rid.0)?;
     let tokens = queued.tokens;
     let out = inference::answer(queued).await?;

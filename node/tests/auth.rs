@@ -572,3 +572,71 @@ async fn auth_off_on_loopback_lets_everyone_in_as_local() {
     let (_, b) = n.get("/api/v1/audit?action=model.scale").await;
     assert_eq!(b["entries"][0]["who"], "local", "{b}");
 }
+
+/// `/v1/embeddings` names its model in the body: a token that may not use that model gets
+/// 403 every time, and the refusal costs it nothing (no rate-limit or quota charge), as
+/// for the routes with the model in the path. A wrong method is not charged either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_the_token_may_not_use_costs_nothing_on_the_embeddings_route() {
+    let a = start().await;
+    let (id, token) = a
+        .create(
+            json!({"name": "narrow", "role": "user", "allowed_models": ["ech*"],
+                       "monthly_quota": 1, "rate_per_minute": 1}),
+        )
+        .await;
+    for _ in 0..3 {
+        let (s, _, b) = a
+            .call(
+                Method::POST,
+                "/v1/embeddings",
+                Some(&token),
+                Some(json!({"model": "tinybert", "input": "hello"})),
+            )
+            .await;
+        assert_eq!(s, 403, "{b}");
+        assert_eq!(b["error"]["param"], "model", "{b}");
+        let (s, _, b) = a
+            .call(Method::GET, "/v1/embeddings", Some(&token), None)
+            .await;
+        assert_eq!(s, 405, "{b}");
+    }
+    // The one request of its quota and rate is still there, for a model it may use.
+    let (s, _, b) = a
+        .call(
+            Method::POST,
+            "/api/v1/models/echo/infer",
+            Some(&token),
+            Some(json!({"inputs": {"x": [[1.0]]}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    // And that one is spent: the next embeddings request for an allowed model is 429.
+    let (s, _, b) = a
+        .call(
+            Method::POST,
+            "/v1/embeddings",
+            Some(&token),
+            Some(json!({"model": "echo", "input": "hello"})),
+        )
+        .await;
+    assert_eq!(s, 429, "{b}");
+    let used = || async {
+        let (_, _, b) = a
+            .call(
+                Method::GET,
+                &format!("/api/v1/tokens/{id}"),
+                Some(&a.admin),
+                None,
+            )
+            .await;
+        b["used_this_month"] == json!(1)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), used).await,
+        "only the allowed request was counted"
+    );
+    if let Some(n) = a.node {
+        n.shutdown().await;
+    }
+}
