@@ -158,12 +158,14 @@ pub fn app(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-async fn not_found(req: Request) -> ApiError {
-    ApiError::NotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    ))
+/// No route: 404 in the error shape of the path's API (OpenAI's under `/v1`, KServe's
+/// under `/v2`, the envelope elsewhere).
+async fn not_found(req: Request) -> Response {
+    let path = req.uri().path();
+    dialect::Dialect::of(path).error(ApiError::NotFound(format!(
+        "no route for {} {path}",
+        req.method()
+    )))
 }
 
 /// A fresh request id: 32 hex digits, like a UUID's simple form. The first 16 are drawn at
@@ -200,6 +202,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(RequestId(Arc::clone(&id)));
     let span = tracing::debug_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let started = std::time::Instant::now();
+    let dialect = dialect::Dialect::of(req.uri().path());
     let mut res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     span.in_scope(|| {
         tracing::debug!(
@@ -208,10 +211,30 @@ async fn request_id(mut req: Request, next: Next) -> Response {
             "request done"
         )
     });
-    let pending = res.extensions_mut().remove::<PendingError>().or_else(|| {
-        (res.status() == StatusCode::METHOD_NOT_ALLOWED)
-            .then_some(PendingError(ApiError::MethodNotAllowed))
-    });
+    let mut pending = res.extensions_mut().remove::<PendingError>();
+    if pending.is_none() && res.status() == StatusCode::METHOD_NOT_ALLOWED {
+        // The router's own 405 (empty body, `allow` header), in the path's error shape:
+        // OpenAI's or KServe's body now (headers kept), the envelope below.
+        match dialect {
+            dialect::Dialect::Openai | dialect::Dialect::Kserve => {
+                let headers = std::mem::take(res.headers_mut());
+                res = dialect.error(ApiError::MethodNotAllowed);
+                let mut name = None;
+                for (n, value) in headers {
+                    name = n.or(name);
+                    if let Some(n) = name
+                        .as_ref()
+                        .filter(|n| **n != header::CONTENT_TYPE && **n != header::CONTENT_LENGTH)
+                    {
+                        res.headers_mut().append(n.clone(), value);
+                    }
+                }
+            }
+            dialect::Dialect::Rest | dialect::Dialect::Other => {
+                pending = Some(PendingError(ApiError::MethodNotAllowed));
+            }
+        }
+    }
     if let Some(PendingError(err)) = pending {
         let status = res.status();
         let mut headers = std::mem::take(res.headers_mut());

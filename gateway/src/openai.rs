@@ -17,7 +17,8 @@
 //! - `encoding_format` is `float` (default) or `base64` (each vector's little-endian `f32`
 //!   bytes); `dimensions`, when given, must equal the model's width; `user` is accepted and
 //!   ignored.
-//! - `usage.prompt_tokens` (= `total_tokens`) is the engine's token count of the inputs.
+//! - `usage.prompt_tokens` (= `total_tokens`) is the engine's token count of the inputs (for
+//!   a text over 32 × `max_length` bytes, `max_length` without tokenizing: an upper bound).
 //! - Errors are `{"error": {"message", "type", "param", "code"}}`, made from
 //!   [`ApiError`] in [`error_response`] only.
 //! - Requests are counted in the metrics with the endpoint label `openai`.
@@ -27,11 +28,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use cohort_engines::{DType, ModelMetadata, Tensor, TensorData, TensorMap};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::ser::{Error as _, SerializeSeq};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -395,29 +398,146 @@ async fn run_embeddings(
             return Err(wrong_dimensions(d, w));
         }
     }
-    let data: Vec<Value> = (0..rows)
-        .map(|i| {
-            let row = &values[i * w..(i + 1) * w];
-            let embedding = match encoding {
-                Encoding::Float => json!(row),
-                Encoding::Base64 => {
-                    let bytes: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    Value::String(base64(&bytes))
+    let body = embeddings_json(values, rows, w, encoding, model, tokens)?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// The body of an embeddings answer, written straight from the engine's `f32`s: each
+/// value in its shortest form that reads back to the same `f32` (`0.1`, not the `f64`
+/// widening `0.10000000149011612`), with no JSON tree built per element. A value that
+/// is not finite (JSON has no NaN or infinity; OpenAI's clients cannot read `null` in a
+/// vector) is an engine fault: 500 `server_error`, whatever the encoding.
+fn embeddings_json(
+    values: &[f32],
+    rows: usize,
+    width: usize,
+    encoding: Encoding,
+    model: &str,
+    tokens: usize,
+) -> Result<Vec<u8>, OpenAiError> {
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        let (row, col) = (i / width.max(1), i % width.max(1));
+        return Err(ApiError::InferenceFailed(format!(
+            "the engine gave a value that is not finite ({}) in embedding {row}, element {col}",
+            values[i]
+        ))
+        .into());
+    }
+    let body = EmbeddingsAnswer {
+        object: "list",
+        data: Embeddings {
+            values,
+            rows,
+            width,
+            encoding,
+        },
+        model,
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    };
+    serde_json::to_vec(&body)
+        .map_err(|e| ApiError::InferenceFailed(format!("cannot encode the embeddings: {e}")).into())
+}
+
+#[derive(Serialize)]
+struct EmbeddingsAnswer<'a> {
+    object: &'static str,
+    data: Embeddings<'a>,
+    model: &'a str,
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+/// `data`: one `{"object": "embedding", "index", "embedding"}` per row of `values`.
+struct Embeddings<'a> {
+    values: &'a [f32],
+    rows: usize,
+    width: usize,
+    encoding: Encoding,
+}
+
+impl Serialize for Embeddings<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.rows))?;
+        let w = self.width;
+        for index in 0..self.rows {
+            let row = self
+                .values
+                .get(index * w..(index + 1) * w)
+                .unwrap_or_default();
+            seq.serialize_element(&EmbeddingItem {
+                object: "embedding",
+                index,
+                embedding: Vector {
+                    row,
+                    encoding: self.encoding,
+                },
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct EmbeddingItem<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: Vector<'a>,
+}
+
+/// One vector: a list of `f32`s (`serialize_f32`, shortest form) or the base64 of their
+/// little-endian bytes.
+struct Vector<'a> {
+    row: &'a [f32],
+    encoding: Encoding,
+}
+
+impl Serialize for Vector<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.encoding {
+            Encoding::Float => {
+                let mut seq = s.serialize_seq(Some(self.row.len()))?;
+                for x in self.row {
+                    if !x.is_finite() {
+                        // Checked before; never written as `null`.
+                        return Err(S::Error::custom(format!(
+                            "embedding value {x} is not finite"
+                        )));
+                    }
+                    seq.serialize_element(&F32(*x))?;
                 }
-            };
-            let mut item = Map::new();
-            item.insert("object".into(), json!("embedding"));
-            item.insert("index".into(), json!(i));
-            item.insert("embedding".into(), embedding);
-            Value::Object(item)
-        })
-        .collect();
-    Ok(json_response(&json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })))
+                seq.end()
+            }
+            Encoding::Base64 => {
+                let bytes: Vec<u8> = self.row.iter().flat_map(|x| x.to_le_bytes()).collect();
+                s.serialize_str(&base64(&bytes))
+            }
+        }
+    }
+}
+
+/// An `f32` written as an `f32` (serde's impl for `f32` does the same; spelled out so a
+/// change of the element type cannot widen it to `f64` unnoticed).
+struct F32(f32);
+
+impl Serialize for F32 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f32(self.0)
+    }
 }
 
 #[cfg(test)]
@@ -471,5 +591,57 @@ mod tests {
         assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
         let res = error_response(ApiError::ModelNotFound("x".into()));
         assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn float_embeddings_are_written_as_f32_in_shortest_form() {
+        let values = [0.1f32, -0.2, 1e-8, 3.0, 0.3, 0.14027637];
+        let body = embeddings_json(&values, 2, 3, Encoding::Float, "m", 7).expect("encodes");
+        let text = String::from_utf8(body).expect("utf-8");
+        assert!(text.contains("[0.1,-0.2,1e-8]"), "{text}");
+        assert!(text.contains("[3.0,0.3,0.14027637]"), "{text}");
+        assert!(!text.contains("0.1000000014"), "{text}");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], "m");
+        assert_eq!(v["usage"], json!({"prompt_tokens": 7, "total_tokens": 7}));
+        let data = v["data"].as_array().expect("data");
+        assert_eq!(data.len(), 2);
+        assert_eq!(data[1]["object"], "embedding");
+        assert_eq!(data[1]["index"], 1);
+        // Every value reads back to the same f32.
+        let back: Vec<f32> = data
+            .iter()
+            .flat_map(|d| d["embedding"].as_array().expect("list").clone())
+            .map(|x| x.as_f64().expect("number") as f32)
+            .collect();
+        assert_eq!(back, values);
+
+        let body = embeddings_json(&values, 2, 3, Encoding::Base64, "m", 7).expect("encodes");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        let bytes: Vec<u8> = values[..3].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(v["data"][0]["embedding"], base64(&bytes));
+    }
+
+    #[test]
+    fn a_non_finite_embedding_value_is_a_server_error_not_null() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for encoding in [Encoding::Float, Encoding::Base64] {
+                let e = embeddings_json(&[0.5, 0.5, bad, 0.5], 2, 2, encoding, "m", 1)
+                    .expect_err("refused");
+                assert_eq!(e.error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+                let message = e.error.to_string();
+                assert!(message.contains("not finite"), "{message}");
+                assert!(message.contains("embedding 1, element 0"), "{message}");
+                let res = error_response(e);
+                assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            }
+        }
+        // The serializer refuses one too, should a caller skip the check.
+        let vector = Vector {
+            row: &[f32::NAN],
+            encoding: Encoding::Float,
+        };
+        assert!(serde_json::to_string(&vector).is_err());
     }
 }

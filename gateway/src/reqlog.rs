@@ -3,9 +3,11 @@
 //!
 //! - What is kept: one [`RequestRecord`] per answered request (time, id, method, path,
 //!   model, dialect, status, latency, client address, caller's token id). Every error
-//!   (status >= 400) is kept; successes are kept with the probability
-//!   `request_log.sample_rate`. Probes and scrapes (`/healthz`, `/readyz`, `/metrics`,
-//!   `/v2/health/*`) are not recorded (they are counted in the metrics).
+//!   (status >= 400) of a routed request is kept, except 401 and 405; successes, 401s,
+//!   405s and requests that matched no route (which anyone can send, token or not, as
+//!   fast as they like) are kept with the probability `request_log.sample_rate`, so that
+//!   they cannot push every other record out. Probes and scrapes (`/healthz`, `/readyz`,
+//!   `/metrics`, `/v2/health/*`) are not recorded (they are counted in the metrics).
 //! - The hot path never waits for the disk: the middleware ([`observe`]) hands the record
 //!   to a bounded queue with `try_send`; when the queue is full the record is dropped and
 //!   counted in `cohort_request_log_dropped_total`. A dedicated OS thread (sled is
@@ -15,15 +17,22 @@
 //! - Storage: its own sled database at `<data_dir>/requests` (the Raft log is in
 //!   `<data_dir>/raft`). Keys are the big-endian time in ms then a big-endian sequence
 //!   number, so iteration is in time order; values are a format byte then the bincode of
-//!   the record.
+//!   the record. The sequence number is unique across reopens, whatever the times: the
+//!   next one is kept in the tree `meta` (written before the records that use it), so a
+//!   record that arrives after newer ones, or a clock stepped back, never reuses a key;
+//!   and the writer never replaces a stored record.
 //! - Lifetime: sled locks its directory, once per process. The log belongs to the node,
 //!   not to one incarnation of the GatewayActor: [`for_node`] opens it on the gateway's
 //!   first start and keeps it in a process-wide map keyed by the directory, with the
 //!   node ([`NodeContext`]) that owns it; a restarted gateway of the same node gets the
 //!   same log back. When the node shuts down, the stopping gateway flushes the log and
-//!   closes it ([`after_server_stopped`]); a later node on the same directory (a restart
-//!   in the same process) opens it again. Should a node end without a clean shutdown, the
-//!   next node on that directory finds the owner gone and replaces the entry.
+//!   closes it ([`after_server_stopped`]: off the async workers, it waits for the writer
+//!   to end); a later node on the same directory (a restart in the same process) opens
+//!   it again. Should a node end without a clean shutdown, the next node on that
+//!   directory finds the owner gone and replaces the entry. Dropping the last handle
+//!   never blocks a runtime's thread: there the writer is told to stop (its queue is
+//!   disconnected) and left to write what is queued, flush and end on its own; only on
+//!   a thread outside any tokio runtime does the drop wait for it.
 //! - Latency is measured from the router's view: routing to response headers (for a
 //!   stream, the time to its first byte).
 
@@ -66,6 +75,11 @@ pub const DIR: &str = "requests";
 
 /// The format byte in front of every stored record.
 const FORMAT_V1: u8 = 1;
+/// The tree of the log's own metadata (records are in the default tree).
+const META_TREE: &[u8] = b"meta";
+/// In [`META_TREE`]: the next sequence number, big-endian; never less than one plus the
+/// highest sequence number of any stored record.
+const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 /// Records waiting for the writer; beyond this they are dropped (and counted).
 const QUEUE_CAPACITY: usize = 8192;
 /// Most records written in one sled batch.
@@ -263,6 +277,9 @@ enum Msg {
     /// Write everything queued before, enforce retention, flush to disk, then answer.
     Flush(oneshot::Sender<()>),
     Close,
+    /// Tests: the writer waits until the sender of this is used or dropped.
+    #[cfg(test)]
+    Hold(Receiver<()>),
 }
 
 /// A node's request log. See the module's documentation.
@@ -309,14 +326,13 @@ impl RequestLog {
                 }
             }
         };
-        let next_seq = match db.last()? {
-            Some((k, _)) => key_seq(&k).map_or(0, |s| s.wrapping_add(1)),
-            None => 0,
-        };
+        let meta = db.open_tree(META_TREE)?;
+        let next_seq = next_seq(&db, &meta)?;
         let count = db.len() as u64;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         let writer = Writer {
             tree: db.clone(),
+            meta,
             settings: settings.clone(),
             counters: counters.clone(),
             next_seq,
@@ -336,10 +352,10 @@ impl RequestLog {
         })
     }
 
-    /// Whether a request answered with `status` is to be kept (errors always, successes
-    /// with the sample rate).
-    pub fn should_record(&self, status: u16) -> bool {
-        should_record(self.settings.sample_rate, status)
+    /// Whether a request answered with `status` is to be kept; `routed`: it matched a
+    /// route. See [`should_record`].
+    pub fn should_record(&self, status: u16, routed: bool) -> bool {
+        should_record(self.settings.sample_rate, status, routed)
     }
 
     /// Queues a record without waiting; a full queue drops it (and counts the drop).
@@ -437,7 +453,9 @@ impl RequestLog {
         })
     }
 
-    /// Stops the writer after it has written what was queued (also done on drop).
+    /// Stops the writer after it has written what was queued and flushed, and waits for
+    /// it to end (the database is closed once the other handles are gone). Blocking:
+    /// call it off the async workers (`spawn_blocking`). Later records are dropped.
     pub fn close(&self) {
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
@@ -450,19 +468,65 @@ impl RequestLog {
 }
 
 impl Drop for RequestLog {
+    /// On a thread of a tokio runtime (a worker, perhaps): never waits. The writer is
+    /// detached; the queue's sender goes with this handle, so the writer writes what is
+    /// queued, flushes and ends by itself. Elsewhere: [`RequestLog::close`].
     fn drop(&mut self) {
-        self.close();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let handle = self
+                .writer
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            drop(handle);
+        } else {
+            self.close();
+        }
     }
 }
 
-/// Errors always; successes with probability `rate`.
-pub fn should_record(rate: f64, status: u16) -> bool {
-    status >= 400 || rate >= 1.0 || (rate > 0.0 && fastrand::f64() < rate)
+/// Whether to keep the record of a request answered with `status`; `routed`: it matched
+/// a route. Errors of routed requests always, but 401 and 405; successes, 401s, 405s
+/// (a route's path without its method: public paths answer it without a token) and
+/// requests that matched no route with probability `rate`: anyone can send those (no
+/// token needed) as fast as they like, and kept always they would push every other
+/// record out.
+pub fn should_record(rate: f64, status: u16, routed: bool) -> bool {
+    let always = routed && status >= 400 && status != 401 && status != 405;
+    always || rate >= 1.0 || (rate > 0.0 && fastrand::f64() < rate)
+}
+
+/// The next sequence number of a log: the one kept in `meta`, and never one at or below
+/// a stored record's (a log written before `meta` existed: the highest of all its keys,
+/// which, keys being time first, need not be the last key's).
+fn next_seq(records: &sled::Db, meta: &sled::Tree) -> Result<u64, RequestLogError> {
+    let stored = meta
+        .get(NEXT_SEQ_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes);
+    let after_last = records
+        .last()?
+        .and_then(|(k, _)| key_seq(&k))
+        .map_or(0, |s| s.saturating_add(1));
+    match stored {
+        Some(n) => Ok(n.max(after_last)),
+        None => {
+            let mut next = after_last;
+            for k in records.iter().keys() {
+                if let Some(s) = key_seq(&k?) {
+                    next = next.max(s.saturating_add(1));
+                }
+            }
+            Ok(next)
+        }
+    }
 }
 
 /// The writer thread's state.
 struct Writer {
     tree: sled::Db,
+    /// Where `next_seq` is kept ([`NEXT_SEQ_KEY`]).
+    meta: sled::Tree,
     settings: RequestLogSection,
     counters: LogCounters,
     next_seq: u64,
@@ -502,10 +566,21 @@ impl Writer {
                     }
                     Msg::Flush(reply) => replies.push(reply),
                     Msg::Close => close = true,
+                    #[cfg(test)]
+                    Msg::Hold(gate) => {
+                        let _ = gate.recv();
+                    }
                 }
             }
             if added > 0 {
-                match self.tree.apply_batch(batch) {
+                // The sequence numbers of the batch are taken for good before it is
+                // written: a reopened log never hands them out again.
+                let stored = self
+                    .meta
+                    .insert(NEXT_SEQ_KEY, &self.next_seq.to_be_bytes()[..])
+                    .map(|_| ())
+                    .and_then(|()| self.tree.apply_batch(batch));
+                match stored {
                     Ok(()) => {
                         self.count += added;
                         self.counters.written.inc_by(added);
@@ -538,14 +613,33 @@ impl Writer {
         }
     }
 
-    /// Adds one record to the batch; false when it cannot be encoded.
+    /// Adds one record to the batch under a key no stored record has; false when it
+    /// cannot be encoded or the store cannot be read.
     fn add(&mut self, batch: &mut sled::Batch, r: &RequestRecord) -> bool {
         let Some(value) = encode(r) else {
             self.counters.dropped.inc();
             return false;
         };
-        let k = key(r.ts_ms, self.next_seq);
-        self.next_seq = self.next_seq.wrapping_add(1);
+        // This thread is the only writer and the batch's own keys have distinct sequence
+        // numbers: a key not stored now is not stored when the batch is applied.
+        let k = loop {
+            let k = key(r.ts_ms, self.next_seq);
+            self.next_seq = self.next_seq.wrapping_add(1);
+            match self.tree.contains_key(k) {
+                Ok(false) => break k,
+                Ok(true) => {
+                    tracing::warn!(
+                        seq = self.next_seq - 1,
+                        "request log key already used, skipping it"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the request log");
+                    self.counters.dropped.inc();
+                    return false;
+                }
+            }
+        };
         batch.insert(&k[..], value);
         true
     }
@@ -622,9 +716,12 @@ pub async fn for_node(ctx: &Arc<NodeContext>) -> Result<Option<Arc<RequestLog>>,
                 return Ok(Some(Arc::clone(log)));
             }
         }
-        // A node that ended without shutting down left its log: close it first.
+        // A node that ended without shutting down left its log: close it first (this is
+        // a blocking thread: wait for its writer, which lets go of the directory).
         if let Some((_, stale)) = logs.remove(&path) {
-            drop(stale);
+            if let Some(stale) = Arc::into_inner(stale) {
+                stale.close();
+            }
         }
         let log = Arc::new(RequestLog::open(
             &path,
@@ -656,8 +753,12 @@ pub async fn after_server_stopped(ctx: &Arc<NodeContext>, log: Arc<RequestLog>) 
         let entry = if ours { logs.remove(&log.path) } else { None };
         drop(logs);
         drop(entry);
-        // Normally the last handle: this joins the writer and closes the database.
-        drop(log);
+        // Normally the last handle: wait for the writer to end (the database closes with
+        // it). Otherwise (a connection outlived the drain) the last handle's drop stops
+        // the writer, which writes what is queued first.
+        if let Some(log) = Arc::into_inner(log) {
+            log.close();
+        }
     })
     .await;
     if let Err(e) = closed {
@@ -717,7 +818,7 @@ pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: N
         .http_request(served.unwrap_or("_other"), dialect.as_str(), status);
 
     if let Some(log) = &state.reqlog {
-        if !is_probe(path) && log.should_record(status) {
+        if !is_probe(path) && log.should_record(status, template.is_some()) {
             log.submit(RequestRecord {
                 ts_ms,
                 request_id: request_id.map(|r| r.to_string()).unwrap_or_default(),
@@ -736,8 +837,7 @@ pub(crate) async fn observe(State(state): State<AppState>, req: Request, next: N
 }
 
 /// The query of `GET /api/v1/requests`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
     /// Only this model.
@@ -759,7 +859,43 @@ fn bad_param(param: &str, message: String) -> ApiError {
     }
 }
 
+/// Longest parameter name repeated in an answer.
+const MAX_PARAM_CHARS: usize = 64;
+
 impl ListParams {
+    /// The parameters of the query's `name=value` pairs: an unknown name or one given
+    /// twice is a 400 whose `details.param` names it.
+    fn from_pairs(pairs: Vec<(String, String)>) -> Result<ListParams, ApiError> {
+        let mut p = ListParams::default();
+        for (name, value) in pairs {
+            let slot = match name.as_str() {
+                "model" => &mut p.model,
+                "status" => &mut p.status,
+                "since" => &mut p.since,
+                "before" => &mut p.before,
+                "limit" => &mut p.limit,
+                _ => {
+                    let name = cut(&name, MAX_PARAM_CHARS);
+                    return Err(bad_param(
+                        &name,
+                        format!(
+                            "unknown query parameter {name:?}; the parameters are model, \
+                             status, since, before and limit"
+                        ),
+                    ));
+                }
+            };
+            if slot.is_some() {
+                return Err(bad_param(
+                    &name,
+                    format!("query parameter {name:?} is given more than once"),
+                ));
+            }
+            *slot = Some(value);
+        }
+        Ok(p)
+    }
+
     fn filter(self) -> Result<RecordFilter, ApiError> {
         let status = match self.status.as_deref() {
             None | Some("") => None,
@@ -815,17 +951,17 @@ impl ListParams {
 #[utoipa::path(get, path = "/api/v1/requests", tag = "audit",
     params(ListParams),
     responses(
-        (status = 200, description = "Sampled request records (every error), newest first", body = Object),
+        (status = 200, description = "Sampled request records (errors of routed requests, 401 and 405 excepted, always), newest first", body = Object),
         (status = 400, description = "Bad query", body = crate::openapi::ErrorEnvelope),
         crate::openapi::AdminRefusals,
     )
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    params: Result<Query<ListParams>, QueryRejection>,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
-    let filter = params.filter()?;
+    let Query(pairs) = pairs.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
+    let filter = ListParams::from_pairs(pairs)?.filter()?;
     let Some(log) = state.reqlog.clone() else {
         return Ok(json_response(
             &json!({"enabled": false, "records": [], "next_before": null}),
@@ -1030,14 +1166,163 @@ mod tests {
     }
 
     #[test]
-    fn sampling_keeps_every_error() {
-        for status in [400, 401, 404, 429, 500, 503] {
-            assert!((0..1000).all(|_| should_record(0.0, status)));
+    fn sampling_keeps_every_routed_error_but_401_and_405() {
+        for status in [400, 403, 404, 408, 413, 429, 500, 503, 504] {
+            assert!((0..1000).all(|_| should_record(0.0, status, true)));
         }
-        assert!((0..1000).all(|_| !should_record(0.0, 200)));
-        assert!((0..1000).all(|_| should_record(1.0, 200)));
-        let kept = (0..20_000).filter(|_| should_record(0.25, 200)).count();
+        assert!((0..1000).all(|_| !should_record(0.0, 200, true)));
+        assert!((0..1000).all(|_| should_record(1.0, 200, true)));
+        let kept = (0..20_000)
+            .filter(|_| should_record(0.25, 200, true))
+            .count();
         assert!((4000..6000).contains(&kept), "kept {kept} of 20000 at 0.25");
+    }
+
+    #[test]
+    fn unauthenticated_and_unrouted_requests_are_sampled_like_successes() {
+        // 401s, 405s, and anything that matched no route (404, or a 503 of the
+        // concurrency guard): no token needed to send them, so they take the sample rate.
+        for (status, routed) in [
+            (401, true),
+            (401, false),
+            (405, true),
+            (404, false),
+            (503, false),
+        ] {
+            assert!(
+                (0..1000).all(|_| !should_record(0.0, status, routed)),
+                "{status} routed={routed}"
+            );
+            assert!((0..1000).all(|_| should_record(1.0, status, routed)));
+            let kept = (0..20_000)
+                .filter(|_| should_record(0.25, status, routed))
+                .count();
+            assert!((4000..6000).contains(&kept), "kept {kept} of 20000 at 0.25");
+        }
+    }
+
+    #[test]
+    fn keys_stay_unique_across_reopens_whatever_the_arrival_times() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = now_ms();
+        {
+            let log = open(&dir, settings(100, 3600, 1.0));
+            // A clock that was ahead (or a request that arrived later but was written
+            // first), then one that arrived earlier: the newest key is not the highest
+            // sequence number.
+            log.submit(rec(now + 60_000, "a", 200));
+            log.submit(rec(now, "a", 200));
+            log.flush_blocking().expect("flush");
+        }
+        let mut ids: Vec<String> = Vec::new();
+        for round in 0..3 {
+            let log = open(&dir, settings(100, 3600, 1.0));
+            if round == 2 {
+                // A log written before the sequence number was kept: found by a scan.
+                log.tree
+                    .open_tree(META_TREE)
+                    .and_then(|m| m.remove(NEXT_SEQ_KEY))
+                    .expect("removed");
+                drop(log);
+                continue;
+            }
+            let r = rec(now, "b", 200);
+            ids.push(r.request_id.clone());
+            log.submit(r);
+            log.flush_blocking().expect("flush");
+            assert_eq!(log.len(), 3 + round, "round {round}");
+        }
+        let log = open(&dir, settings(100, 3600, 1.0));
+        let r = rec(now, "b", 200);
+        ids.push(r.request_id.clone());
+        log.submit(r);
+        // A clock stepped back: still a fresh key.
+        let r = rec(now - 1, "b", 200);
+        ids.push(r.request_id.clone());
+        log.submit(r);
+        log.flush_blocking().expect("flush");
+        assert_eq!(log.len(), 6);
+        let page = log
+            .query(&RecordFilter {
+                model: Some("b".into()),
+                ..Default::default()
+            })
+            .expect("query");
+        let mut got: Vec<String> = page.records.into_iter().map(|r| r.request_id).collect();
+        got.sort();
+        ids.sort();
+        assert_eq!(got, ids);
+        assert_eq!(log.counters.written.get(), 2);
+    }
+
+    #[test]
+    fn a_stored_key_is_never_replaced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = now_ms();
+        let log = open(&dir, settings(100, 3600, 1.0));
+        let newest = rec(now + 60_000, "a", 200);
+        log.submit(newest.clone());
+        let first = rec(now, "a", 200);
+        log.submit(first.clone());
+        log.flush_blocking().expect("flush");
+        drop(log);
+        // The kept sequence number lost (as if it were never written): the writer still
+        // finds the key taken and uses the next.
+        {
+            let db = sled::open(dir.path().join(DIR)).expect("opens");
+            db.open_tree(META_TREE)
+                .and_then(|m| m.insert(NEXT_SEQ_KEY, &0u64.to_be_bytes()[..]))
+                .expect("written");
+            db.flush().expect("flush");
+        }
+        let log = open(&dir, settings(100, 3600, 1.0));
+        let second = rec(now, "a", 200);
+        log.submit(second.clone());
+        log.flush_blocking().expect("flush");
+        assert_eq!(log.len(), 3);
+        let page = log.query(&RecordFilter::default()).expect("query");
+        let ids: Vec<&str> = page.records.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                newest.request_id.as_str(),
+                second.request_id.as_str(),
+                first.request_id.as_str()
+            ]
+        );
+    }
+
+    #[test]
+    fn dropping_on_a_runtime_does_not_wait_for_the_writer_yet_writes_the_queue() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = open(&dir, settings(100, 3600, 1.0));
+        // Keep the writer busy until released.
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        log.tx.send(Msg::Hold(gate)).expect("queued");
+        let queued = rec(now_ms(), "a", 200);
+        log.submit(queued.clone());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move { drop(log) });
+            let _ = done_tx.send(());
+        });
+        let returned = done_rx.recv_timeout(Duration::from_secs(2));
+        // Let the writer go whatever happened, so that a failing run ends.
+        let _ = release.send(());
+        dropper.join().expect("dropper ends");
+        assert!(
+            returned.is_ok(),
+            "the drop waited for the writer on a runtime"
+        );
+        // The detached writer wrote what was queued, then let go of the directory (open
+        // waits for that).
+        let log = open(&dir, settings(100, 3600, 1.0));
+        let page = log.query(&RecordFilter::default()).expect("query");
+        assert_eq!(page.records, vec![queued]);
     }
 
     #[test]

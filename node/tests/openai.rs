@@ -149,6 +149,26 @@ async fn embeddings_match_the_native_endpoint_and_the_reference() {
         assert!(close(&v, &reference[i]), "sentence {i} vs reference");
         float_vectors.push(v);
     }
+    // As written: each value is the f32's shortest form (`0.1`, not the f64 widening
+    // `0.10000000149011612`), as the native endpoint writes it.
+    let text = n
+        .http
+        .post(format!("{}/v1/embeddings", n.url))
+        .json(&json!({"model": "tinybert", "input": sentences[0]}))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("body");
+    let start = text.find("\"embedding\":[").expect("an embedding") + "\"embedding\":[".len();
+    let list = &text[start..start + text[start..].find(']').expect("list ends")];
+    let tokens: Vec<&str> = list.split(',').collect();
+    assert_eq!(tokens.len(), width, "{list}");
+    for t in tokens {
+        let x: f32 = t.parse().expect("a number");
+        assert_eq!(t, serde_json::to_string(&x).expect("f32"), "{list}");
+    }
     let usage = &b["usage"];
     let prompt = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
     assert!(prompt > 0, "{usage}");
@@ -243,6 +263,62 @@ async fn embeddings_match_the_native_endpoint_and_the_reference() {
                 && l.contains("status=\"200\"")),
         "{metrics}"
     );
+    n.node.shutdown().await;
+}
+
+/// Unknown paths and wrong methods under `/v1` answer in OpenAI's error shape (under
+/// `/v2` in KServe's, elsewhere in the envelope), with the `allow` header kept on 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_in_the_paths_error_shape() {
+    let n = start(vec![]).await;
+    let (s, _, b) = n
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "echo", "messages": []}),
+        )
+        .await;
+    assert_error(
+        (s, &b),
+        404,
+        "invalid_request_error",
+        None,
+        Some("not_found"),
+    );
+    let res = n
+        .http
+        .get(format!("{}/v1/embeddings", n.url))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(res.headers()["allow"], "POST");
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert!(res.headers().contains_key("x-request-id"));
+    let s = res.status().as_u16();
+    let b: Value = res.json().await.expect("json");
+    assert_error(
+        (s, &b),
+        405,
+        "invalid_request_error",
+        None,
+        Some("method_not_allowed"),
+    );
+
+    // KServe's shape under /v2.
+    let (s, b) = n.get("/v2/nothing").await;
+    assert_eq!(s, 404, "{b}");
+    assert!(b["error"].is_string(), "{b}");
+    let (s, b) = n.get("/v2/models/echo/infer").await;
+    assert_eq!(s, 405, "{b}");
+    assert_eq!(b["error"], "method not allowed", "{b}");
+    // The envelope elsewhere.
+    for path in ["/api/v1/nothing", "/nothing", "/v1x"] {
+        let (s, b) = n.get(path).await;
+        assert_eq!(s, 404, "{b}");
+        assert_eq!(b["error"]["code"], "NOT_FOUND", "{b}");
+    }
+    let (s, b) = n.get("/api/v1/models/echo/infer").await;
+    assert_eq!(s, 405, "{b}");
+    assert_eq!(b["error"]["code"], "METHOD_NOT_ALLOWED", "{b}");
     n.node.shutdown().await;
 }
 

@@ -1,7 +1,8 @@
 //! The request log and the metrics on a real node on 127.0.0.1:0: sampled records with
-//! model, status, latency and client address; errors kept at sample rate 0; filters,
-//! limits and pages of `GET /api/v1/requests`; records that survive a restart; and the
-//! `/metrics` series for requests by dialect, rejections and Raft.
+//! model, status, latency and client address; errors of routed requests kept at sample
+//! rate 0, unrouted ones not; filters, limits and pages of `GET /api/v1/requests`;
+//! records that survive a restart; and the `/metrics` series for requests by dialect,
+//! rejections and Raft.
 
 mod common;
 
@@ -129,20 +130,24 @@ async fn requests_are_recorded_with_model_status_latency_and_client_ip() {
     let want: Vec<Value> = all.iter().map(|r| r["request_id"].clone()).collect();
     assert_eq!(seen, want);
 
-    // Bad parameters: 400 INVALID_INPUT in the envelope.
-    for bad in [
-        "status=abc",
-        "status=6xx",
-        "since=yesterday",
-        "limit=0",
-        "limit=1001",
-        "limit=ten",
-        "before=xyz",
-        "colour=red",
+    // Bad parameters: 400 INVALID_INPUT in the envelope, `details.param` naming it.
+    for (bad, param) in [
+        ("status=abc", "status"),
+        ("status=6xx", "status"),
+        ("since=yesterday", "since"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("before=xyz", "before"),
+        ("colour=red", "colour"),
+        ("model=echo&colour=red", "colour"),
+        ("limit=1&limit=2", "limit"),
+        ("model=a&status=error&model=b", "model"),
     ] {
         let (s, v) = n.get(&format!("/api/v1/requests?{bad}")).await;
         assert_eq!(s, 400, "{bad}: {v}");
         assert_eq!(v["error"]["code"], "INVALID_INPUT", "{bad}: {v}");
+        assert_eq!(v["error"]["details"]["param"], param, "{bad}: {v}");
         assert!(v["error"]["request_id"].is_string(), "{v}");
     }
     n.node.shutdown().await;
@@ -154,6 +159,20 @@ async fn at_sample_rate_zero_only_errors_are_recorded() {
     for i in 0..5 {
         let (s, _, v) = n.infer("echo", &echo_body(&[i as f32])).await;
         assert_eq!(s, 200, "{v}");
+    }
+    // Requests that match no route, or a route's path with the wrong method (anyone can
+    // send them, as fast as they like), take the sample rate like successes: not
+    // recorded at 0.
+    for (path, status) in [
+        ("/nothing", 404),
+        ("/api/v1/nothing", 404),
+        ("/v1/chat/completions", 404),
+        ("/v2/nothing", 404),
+        ("/v1/embeddings", 405),
+        ("/api/v1/models/echo/infer", 405),
+    ] {
+        let (s, v) = n.get(path).await;
+        assert_eq!(s, status, "{path}: {v}");
     }
     let (s, _, v) = n.infer("missing", &echo_body(&[1.0])).await;
     assert_eq!(s, 404, "{v}");
@@ -176,6 +195,80 @@ async fn at_sample_rate_zero_only_errors_are_recorded() {
     assert_eq!(statuses, [400, 404], "{records:?}");
     assert_eq!(records[0]["model"], "echo");
     assert_eq!(records[1]["model"], "missing");
+    n.node.shutdown().await;
+}
+
+/// 401s need no token, so a client can send them as fast as it likes: they take the
+/// sample rate, and at 0 none is recorded, while a routed error still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_requests_take_the_sample_rate() {
+    let n = start_with(vec![], |cfg| {
+        cfg.request_log.sample_rate = 0.0;
+        cfg.auth.mode = cohort_config::AuthMode::On;
+    })
+    .await;
+    let file = n.dir.path().join("admin-token");
+    let f = file.clone();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let f = f.clone();
+            async move { f.exists() }
+        })
+        .await,
+        "the first admin token is written"
+    );
+    let admin = std::fs::read_to_string(&file)
+        .expect("read")
+        .trim()
+        .to_string();
+    for token in [None, Some("not-a-token")] {
+        for _ in 0..10 {
+            let mut req = n
+                .http
+                .post(format!("{}/api/v1/models/echo/infer", n.url))
+                .json(&echo_body(&[1.0]));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let res = req.send().await.expect("sent");
+            assert_eq!(res.status().as_u16(), 401);
+        }
+    }
+    let res = n
+        .http
+        .post(format!("{}/api/v1/models/nope/infer", n.url))
+        .bearer_auth(&admin)
+        .json(&echo_body(&[1.0]))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(res.status().as_u16(), 404);
+    // The writer keeps order: once the 404 (sent last) is there, any 401 that was going
+    // to be written would be there too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let v: Value = n
+            .http
+            .get(format!("{}/api/v1/requests", n.url))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("json");
+        let records = v["records"].as_array().cloned().unwrap_or_default();
+        if !records.is_empty() {
+            break records;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no record: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let statuses: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, [404], "{records:?}");
     n.node.shutdown().await;
 }
 
