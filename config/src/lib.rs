@@ -510,6 +510,16 @@ fn boolean(v: &str) -> Result<bool, String> {
     }
 }
 
+/// The largest `http.max_header_bytes` accepted (400 KiB). hyper's HTTP/1 read buffer is
+/// capped at 417792 bytes (8 KiB + 400 × 4 KiB, its default `max_buf_size`, which the gateway
+/// keeps), and a header block that fills it is refused before `max_header_bytes` is looked
+/// at; a larger setting would not take effect.
+pub const MAX_HEADER_BYTES_CEILING: usize = 400 * 1024;
+
+/// The largest `http.max_json_depth` accepted. serde_json refuses to parse nesting 128 deep
+/// (its recursion limit), so deeper settings would not take effect.
+pub const MAX_JSON_DEPTH_CEILING: usize = 127;
+
 /// The environment variables a node reads, with the field each one sets.
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("COHORT_NODE_NAME", "node_name"),
@@ -532,6 +542,33 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("COHORT_REQUEST_LOG_SAMPLE_RATE", "request_log.sample_rate"),
 ];
+
+/// Picks the `COHORT_*` variables out of a process environment (`std::env::vars_os()`), as
+/// UTF-8 pairs for [`NodeConfig::load`]. Variables without the `COHORT_` prefix are ignored
+/// whatever bytes they hold; a variable the node reads ([`ENV_VARS`]) whose value is not valid
+/// UTF-8 is an error naming it. Other `COHORT_*` variables with bad bytes (for instance
+/// `COHORT_TOKEN`, read by `cohort ctl` only) are skipped, as [`NodeConfig::apply_env`] would.
+pub fn cohort_env(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        let Some(name) = name.to_str().filter(|n| n.starts_with("COHORT_")) else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => out.push((name.to_string(), value)),
+            Err(_) if ENV_VARS.iter().any(|(known, _)| *known == name) => {
+                return Err(ConfigError::Env {
+                    var: name.to_string(),
+                    message: "the value is not valid UTF-8".to_string(),
+                })
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
 
 impl NodeConfig {
     /// Reads the file (if any), applies the environment and the flags, and validates.
@@ -724,14 +761,17 @@ impl NodeConfig {
                 "must be between 100 and 3600000",
             );
         }
-        if !(8192..=1 << 20).contains(&h.max_header_bytes) {
+        if !(8192..=MAX_HEADER_BYTES_CEILING).contains(&h.max_header_bytes) {
             err(
                 "http.max_header_bytes".into(),
-                "must be between 8192 and 1048576",
+                &format!("must be between 8192 and {MAX_HEADER_BYTES_CEILING}"),
             );
         }
-        if !(2..=1024).contains(&h.max_json_depth) {
-            err("http.max_json_depth".into(), "must be between 2 and 1024");
+        if !(2..=MAX_JSON_DEPTH_CEILING).contains(&h.max_json_depth) {
+            err(
+                "http.max_json_depth".into(),
+                &format!("must be between 2 and {MAX_JSON_DEPTH_CEILING}"),
+            );
         }
         if !(1..=1_000_000).contains(&h.max_concurrent_requests) {
             err(
@@ -1126,10 +1166,50 @@ mod tests {
     }
 
     #[test]
+    fn header_and_json_depth_ceilings_match_what_takes_effect() {
+        let mut cfg = NodeConfig::default();
+        cfg.http.max_header_bytes = 400 * 1024;
+        cfg.http.max_json_depth = 127;
+        assert!(cfg.validate().is_ok());
+        // Beyond hyper's read buffer (417792 bytes) and serde_json's recursion limit (128).
+        cfg.http.max_header_bytes = 417_792;
+        cfg.http.max_json_depth = 128;
+        let errs = cfg.validate().unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["http.max_header_bytes", "http.max_json_depth"]);
+        assert!(errs[0].message.contains("409600"), "{}", errs[0]);
+        assert!(errs[1].message.contains("127"), "{}", errs[1]);
+    }
+
+    #[test]
     fn bad_env_value_names_the_variable() {
         let env = vec![("COHORT_HTTP_ADDR".to_string(), "nope".to_string())];
         let err = NodeConfig::load(None, env, &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("COHORT_HTTP_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn cohort_env_ignores_foreign_bad_bytes_and_rejects_bad_cohort_values() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt as _;
+        let bad = || OsString::from_vec(vec![b'a', 0xff]);
+        let env = vec![
+            (OsString::from("X"), bad()),
+            (OsString::from_vec(vec![b'Y', 0xfe]), OsString::from("1")),
+            (OsString::from("COHORT_TOKEN"), bad()),
+            (OsString::from("PATH"), OsString::from("/bin")),
+            (OsString::from("COHORT_NODE_NAME"), OsString::from("n1")),
+        ];
+        let vars = cohort_env(env).unwrap();
+        assert_eq!(
+            vars,
+            vec![("COHORT_NODE_NAME".to_string(), "n1".to_string())]
+        );
+
+        let env = vec![(OsString::from("COHORT_DATA_DIR"), bad())];
+        let err = cohort_env(env).unwrap_err();
+        assert!(err.to_string().contains("COHORT_DATA_DIR"), "{err}");
+        assert!(err.to_string().contains("UTF-8"), "{err}");
     }
 
     #[test]

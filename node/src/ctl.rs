@@ -24,17 +24,18 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     json: bool,
     /// API token to send (`Authorization: Bearer`); admin commands need an admin token.
+    /// Precedence: --token, then --token-file, then the COHORT_TOKEN and COHORT_TOKEN_FILE
+    /// environment variables (in that order); a flag always beats the environment.
     #[arg(
         long,
         value_name = "TOKEN",
-        env = "COHORT_TOKEN",
-        hide_env_values = true,
-        global = true
+        global = true,
+        conflicts_with = "token_file"
     )]
     token: Option<String>,
     /// File holding the API token, such as the `admin-token` a new cluster writes into its
-    /// data dir.
-    #[arg(long, value_name = "FILE", env = "COHORT_TOKEN_FILE", global = true)]
+    /// data dir. Beats COHORT_TOKEN and COHORT_TOKEN_FILE from the environment.
+    #[arg(long, value_name = "FILE", global = true)]
     token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: CtlCommand,
@@ -218,33 +219,118 @@ impl Api {
             .await
             .with_context(|| format!("cannot reach {url}"))?;
         let status = res.status();
-        let v: Value = res
-            .json()
+        let body = res
+            .bytes()
             .await
-            .with_context(|| format!("{url} did not answer JSON"))?;
-        if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
-            bail!(
-                "{status}: {} (give --token or --token-file)",
-                error_message(&v)
-            );
-        }
-        if !status.is_success() {
-            bail!("{status}: {}", error_message(&v));
-        }
-        Ok(v)
+            .with_context(|| format!("cannot read the answer of {url} ({status})"))?;
+        answer(&url, status, &body, self.token.is_some())
     }
 }
 
+/// How much of a body that is not JSON an error quotes.
+const BODY_PREFIX_CHARS: usize = 200;
+
+/// Decides what a reply means: the status first, then the body. An error status gives an
+/// error naming it, with the API's error message when the body is JSON, else the start of
+/// the body. A success with an empty body (204) is an empty object.
+fn answer(
+    url: &str,
+    status: reqwest::StatusCode,
+    body: &[u8],
+    have_token: bool,
+) -> anyhow::Result<Value> {
+    let empty = body.iter().all(u8::is_ascii_whitespace);
+    let parsed = if empty {
+        None
+    } else {
+        serde_json::from_slice::<Value>(body).ok()
+    };
+    if !status.is_success() {
+        let detail = match &parsed {
+            Some(v) => error_message(v),
+            None if empty => "(empty body)".to_string(),
+            None => format!("(not JSON) {}", body_prefix(body)),
+        };
+        if status == reqwest::StatusCode::UNAUTHORIZED && !have_token {
+            bail!("{status}: {detail} (give --token or --token-file)");
+        }
+        bail!("{status}: {detail}");
+    }
+    match parsed {
+        Some(v) => Ok(v),
+        None if empty => Ok(Value::Object(serde_json::Map::new())),
+        None => bail!(
+            "{url} answered {status} but not JSON: {}",
+            body_prefix(body)
+        ),
+    }
+}
+
+/// The start of a body, as text on one line.
+fn body_prefix(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(BODY_PREFIX_CHARS)
+        .collect();
+    if out.chars().count() == BODY_PREFIX_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// Where the token comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum TokenSource {
+    Literal(String),
+    File(std::path::PathBuf),
+}
+
+/// The token's source, by precedence: `--token`, `--token-file`, then `COHORT_TOKEN` and
+/// `COHORT_TOKEN_FILE` (given here as `env_token` and `env_file`). Flags beat the
+/// environment; an empty variable counts as unset.
+fn token_source(
+    token: Option<&str>,
+    token_file: Option<&std::path::Path>,
+    env_token: Option<std::ffi::OsString>,
+    env_file: Option<std::ffi::OsString>,
+) -> anyhow::Result<Option<TokenSource>> {
+    if let Some(t) = token {
+        return Ok(Some(TokenSource::Literal(t.to_string())));
+    }
+    if let Some(p) = token_file {
+        return Ok(Some(TokenSource::File(p.to_path_buf())));
+    }
+    if let Some(t) = env_token.filter(|t| !t.is_empty()) {
+        let t = t
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("COHORT_TOKEN is not valid UTF-8"))?;
+        return Ok(Some(TokenSource::Literal(t)));
+    }
+    Ok(env_file
+        .filter(|p| !p.is_empty())
+        .map(|p| TokenSource::File(p.into())))
+}
+
 fn token_of(args: &CtlArgs) -> anyhow::Result<Option<String>> {
-    if let Some(t) = &args.token {
-        return Ok(Some(t.trim().to_string()));
+    let source = token_source(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        std::env::var_os("COHORT_TOKEN"),
+        std::env::var_os("COHORT_TOKEN_FILE"),
+    )?;
+    match source {
+        None => Ok(None),
+        Some(TokenSource::Literal(t)) => Ok(Some(t.trim().to_string())),
+        Some(TokenSource::File(path)) => {
+            let t = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            Ok(Some(t.trim().to_string()))
+        }
     }
-    if let Some(path) = &args.token_file {
-        let t = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the token file {}", path.display()))?;
-        return Ok(Some(t.trim().to_string()));
-    }
-    Ok(None)
 }
 
 /// Runs `cohort ctl`.
@@ -465,11 +551,7 @@ fn audit_table(v: &Value) -> String {
                 .map(|e| {
                     vec![
                         text(&e["seq"]),
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH
-                                + Duration::from_millis(e["at_ms"].as_u64().unwrap_or(0)),
-                        )
-                        .to_string(),
+                        when(&e["at_ms"]),
                         text(&e["who"]),
                         text(&e["action"]),
                         text(&e["target"]),
@@ -486,6 +568,23 @@ fn audit_table(v: &Value) -> String {
         ],
         &rows,
     )
+}
+
+/// An audit entry's `at_ms` as an RFC 3339 time, or the raw milliseconds when it cannot
+/// be one (humantime formats years up to 9999 only).
+fn when(at_ms: &Value) -> String {
+    use std::fmt::Write as _;
+    let Some(ms) = at_ms.as_u64() else {
+        return text(at_ms);
+    };
+    let Some(t) = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms)) else {
+        return ms.to_string();
+    };
+    let mut out = String::new();
+    match write!(out, "{}", humantime::format_rfc3339_seconds(t)) {
+        Ok(()) => out,
+        Err(_) => ms.to_string(),
+    }
 }
 
 fn error_message(v: &Value) -> String {
@@ -602,6 +701,129 @@ mod tests {
         assert!(t.contains("bert-*,mlp"), "{t}");
         assert!(t.contains("7/1000"), "{t}");
         assert!(t.lines().nth(2).unwrap().contains("paused"), "{t}");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    #[test]
+    fn a_token_file_flag_beats_a_token_from_the_environment() {
+        use std::ffi::OsString;
+        use std::path::Path;
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "ctl",
+            "--token-file",
+            "/run/admin-token",
+            "cluster",
+            "status",
+        ])
+        .unwrap();
+        let got = token_source(
+            cli.ctl.token.as_deref(),
+            cli.ctl.token_file.as_deref(),
+            Some(OsString::from("from-env")),
+            Some(OsString::from("/env/file")),
+        )
+        .unwrap();
+        assert_eq!(got, Some(TokenSource::File("/run/admin-token".into())));
+        // --token beats everything; the environment only fills in for missing flags.
+        let env = || Some(OsString::from("from-env"));
+        assert_eq!(
+            token_source(Some("flag"), None, env(), None).unwrap(),
+            Some(TokenSource::Literal("flag".into()))
+        );
+        assert_eq!(
+            token_source(None, None, env(), Some(OsString::from("/env/file"))).unwrap(),
+            Some(TokenSource::Literal("from-env".into()))
+        );
+        assert_eq!(
+            token_source(None, None, Some(OsString::new()), Some("/f".into())).unwrap(),
+            Some(TokenSource::File("/f".into()))
+        );
+        assert_eq!(token_source(None, None, None, None).unwrap(), None);
+        let bad = std::os::unix::ffi::OsStringExt::from_vec(vec![0xff]);
+        let err = token_source(None, None, Some(bad), None).unwrap_err();
+        assert!(err.to_string().contains("COHORT_TOKEN"), "{err}");
+        assert!(token_source(None, Some(Path::new("/f")), None, None).is_ok());
+        // Both flags on the command line is a mistake.
+        let both = <Cli as clap::Parser>::try_parse_from([
+            "ctl",
+            "--token",
+            "t",
+            "--token-file",
+            "f",
+            "token",
+            "list",
+        ]);
+        assert!(both.is_err());
+    }
+
+    #[test]
+    fn the_status_is_checked_before_the_body_is_parsed() {
+        use reqwest::StatusCode;
+        let url = "http://n1";
+        let html = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n";
+        let e = answer(url, StatusCode::BAD_GATEWAY, html, true).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("502 Bad Gateway"), "{e}");
+        assert!(e.contains("<html><body><h1>502"), "{e}");
+        let e = answer(url, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, b"", true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("431") && e.contains("empty body"), "{e}");
+        let e = answer(
+            url,
+            StatusCode::NOT_FOUND,
+            br#"{"error": {"message": "no token ab"}}"#,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "404 Not Found: no token ab");
+        let e = answer(url, StatusCode::UNAUTHORIZED, b"", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("401") && e.contains("--token-file"), "{e}");
+        // Success: an empty body (204) is an empty object; JSON is returned; anything else
+        // is an error that names the status.
+        assert_eq!(
+            answer(url, StatusCode::NO_CONTENT, b"", true).unwrap(),
+            json!({})
+        );
+        assert_eq!(
+            answer(url, StatusCode::OK, br#"{"index": 3}"#, true).unwrap(),
+            json!({"index": 3})
+        );
+        let e = answer(url, StatusCode::OK, b"ok", true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("200 OK") && e.contains("ok"), "{e}");
+        // Long bodies are cut.
+        let long = vec![b'x'; 10_000];
+        let e = answer(url, StatusCode::BAD_GATEWAY, &long, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 300, "{e}");
+    }
+
+    #[test]
+    fn audit_times_past_year_9999_print_as_milliseconds() {
+        assert_eq!(when(&json!(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(when(&json!(253_402_300_799_000u64)), "9999-12-31T23:59:59Z");
+        assert_eq!(when(&json!(253_402_300_800_000u64)), "253402300800000");
+        assert_eq!(when(&json!(u64::MAX)), u64::MAX.to_string());
+        assert_eq!(when(&Value::Null), "-");
+        let t = audit_table(&json!({"entries": [
+            {"seq": 1, "at_ms": 253_402_300_800_000u64, "who": "ab", "action": "token.create"},
+            {"seq": 2, "at_ms": u64::MAX, "who": "ab", "action": "token.revoke"},
+            {"seq": 3, "at_ms": u64::MAX - 1, "who": "ab", "action": "token.revoke"}
+        ]}));
+        assert!(t.contains("253402300800000"), "{t}");
+        assert!(t.contains(&u64::MAX.to_string()), "{t}");
+        assert_eq!(t.lines().count(), 4, "{t}");
     }
 
     #[test]

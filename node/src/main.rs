@@ -235,7 +235,11 @@ async fn up(args: UpArgs, cluster: ClusterFlags) -> anyhow::Result<()> {
         auth: args.auth.map(Into::into),
         insecure: args.insecure,
     };
-    let config = NodeConfig::load(args.config.as_deref(), std::env::vars(), &overrides)?;
+    let config = NodeConfig::load(
+        args.config.as_deref(),
+        cohort_config::cohort_env(std::env::vars_os())?,
+        &overrides,
+    )?;
     if args.check_config {
         print!(
             "{}",
