@@ -266,17 +266,29 @@ impl ReplicaShared {
         }
     }
 
-    /// Rows in each part of a request of `rows` rows and `tokens` tokens: the request
-    /// itself (`rows`) when one engine call may take it, else parts of at most
-    /// [`max_rows`](Self::max_rows) rows, and for a text model over `max_batch_tokens` as
-    /// many rows as fit in it at the request's mean tokens per row (at least 1).
-    pub fn part_rows(&self, rows: usize, tokens: usize) -> usize {
-        part_rows(
-            rows,
-            tokens,
-            self.max_rows(),
-            self.batching.max_batch_tokens,
-        )
+    /// The rows of each part of a request of `rows` rows and `tokens` tokens: `[rows]`
+    /// when one engine call may take it whole. Else consecutive parts of at most
+    /// [`max_rows`](Self::max_rows) rows; for a text model over `max_batch_tokens`, also of
+    /// at most that many tokens, by each row's count from `row_tokens` (called only then;
+    /// a single row over the limit is a part of its own).
+    pub fn part_sizes(
+        &self,
+        rows: usize,
+        tokens: usize,
+        row_tokens: impl FnOnce() -> Option<Vec<usize>>,
+    ) -> Vec<usize> {
+        let (max_rows, max_tokens) = (self.max_rows(), self.batching.max_batch_tokens);
+        let over_tokens = max_tokens > 0 && tokens > max_tokens && rows > 1;
+        if rows <= max_rows && !over_tokens {
+            return vec![rows];
+        }
+        let per_row = if over_tokens { row_tokens() } else { None };
+        part_sizes(rows, max_rows, max_tokens, per_row.as_deref())
+    }
+
+    /// Requests the queue holds at most.
+    pub fn queue_capacity(&self) -> usize {
+        lock(&self.queue).queue.capacity()
     }
 
     /// Requests waiting in the queue.
@@ -724,34 +736,50 @@ fn run_batch(
     }
 }
 
-/// See [`ReplicaShared::part_rows`]; `max_tokens` 0 is no token limit.
-fn part_rows(rows: usize, tokens: usize, max_rows: usize, max_tokens: usize) -> usize {
-    let mut part = rows.min(max_rows).max(1);
-    if max_tokens > 0 && tokens > max_tokens && rows > 1 {
-        let per_row = tokens.div_ceil(rows);
-        part = part.min((max_tokens / per_row).max(1));
+/// See [`ReplicaShared::part_sizes`]: greedy, in row order. `max_tokens` 0, or no
+/// `row_tokens`, is no token limit.
+fn part_sizes(
+    rows: usize,
+    max_rows: usize,
+    max_tokens: usize,
+    row_tokens: Option<&[usize]>,
+) -> Vec<usize> {
+    let max_rows = max_rows.max(1);
+    let mut sizes = Vec::new();
+    let (mut n, mut t) = (0usize, 0usize);
+    for i in 0..rows {
+        let rt = row_tokens.and_then(|r| r.get(i)).copied().unwrap_or(0);
+        if n > 0 && (n == max_rows || (max_tokens > 0 && t.saturating_add(rt) > max_tokens)) {
+            sizes.push(n);
+            (n, t) = (0, 0);
+        }
+        n += 1;
+        t = t.saturating_add(rt);
     }
-    part
+    if n > 0 || sizes.is_empty() {
+        sizes.push(n);
+    }
+    sizes
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn part_rows_keep_a_request_whole_when_it_fits() {
-        use super::part_rows;
-        // Fits: the request itself.
-        assert_eq!(part_rows(10, 0, 32, 0), 10);
-        assert_eq!(part_rows(32, 500, 32, 1000), 32);
-        // Too many rows: parts of max_rows.
-        assert_eq!(part_rows(100, 0, 32, 0), 32);
-        // Too many tokens: rows that fit at the mean tokens per row (100 here).
-        assert_eq!(part_rows(20, 2000, 32, 1000), 10);
-        assert_eq!(part_rows(100, 10_000, 32, 1000), 10);
-        // One row over the token limit still goes, alone.
-        assert_eq!(part_rows(4, 8000, 32, 1000), 1);
-        assert_eq!(part_rows(1, 8000, 32, 1000), 1);
-        // Never 0.
-        assert_eq!(part_rows(0, 0, 0, 0), 1);
+    fn part_sizes_respect_rows_and_each_rows_tokens() {
+        use super::part_sizes;
+        // Rows only.
+        assert_eq!(part_sizes(10, 4, 0, None), vec![4, 4, 2]);
+        assert_eq!(part_sizes(8, 4, 0, None), vec![4, 4]);
+        assert_eq!(part_sizes(3, 4, 0, None), vec![3]);
+        // Tokens, row by row: no part over 600 unless one row alone is.
+        let rows = [1000, 10, 10, 10];
+        assert_eq!(part_sizes(4, 32, 600, Some(&rows)), vec![1, 3]);
+        let rows = [300, 300, 300, 10, 700, 5];
+        assert_eq!(part_sizes(6, 32, 600, Some(&rows)), vec![2, 2, 1, 1]);
+        // Both limits.
+        assert_eq!(part_sizes(5, 2, 600, Some(&[1, 1, 1, 1, 1])), vec![2, 2, 1]);
+        // An empty request is one (empty) part.
+        assert_eq!(part_sizes(0, 4, 0, None), vec![0]);
     }
 
     use super::*;

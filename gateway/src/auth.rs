@@ -102,9 +102,6 @@ struct Charge {
     id: String,
     rate_per_minute: Option<u32>,
     monthly_quota: Option<u64>,
-    /// The token's usage this month, as stored, when it was checked.
-    used: u64,
-    now_ms: u64,
 }
 
 impl Caller {
@@ -127,9 +124,12 @@ impl Caller {
             state.ctx.metrics.rejected(reject_reason(e));
         })?;
         match &self.deferred {
-            Some(charge) => charge_token(state, charge).inspect_err(|e| {
-                state.ctx.metrics.rejected(reject_reason(e));
-            }),
+            // The usage as stored now: a flush since the middleware ran moved counts from
+            // pending to the stored figure.
+            Some(charge) => charge_token(state, charge, current_usage(state, &charge.id))
+                .inspect_err(|e| {
+                    state.ctx.metrics.rejected(reject_reason(e));
+                }),
             None => Ok(()),
         }
     }
@@ -502,11 +502,9 @@ fn check_token(
             id: token.id.clone(),
             rate_per_minute: token.rate_per_minute,
             monthly_quota: token.monthly_quota,
-            used: token.used_in(now),
-            now_ms: now,
         };
         if model.is_some() {
-            charge_token(state, &charge)?;
+            charge_token(state, &charge, (token.used_in(now), now))?;
         } else {
             // The model is in the body: the handler charges once it has checked it.
             deferred = Some(Arc::new(charge));
@@ -522,8 +520,22 @@ fn check_token(
     })
 }
 
-/// Takes one request from the token's rate limit and counts one against its quota.
-fn charge_token(state: &AppState, c: &Charge) -> Result<(), ApiError> {
+/// The token's stored usage this month, and the time it is reckoned at (0 used when the
+/// token is gone: it is refused elsewhere).
+fn current_usage(state: &AppState, id: &str) -> (u64, u64) {
+    let now = cohort_cluster::raft_actor::now_ms();
+    let used = state
+        .ctx
+        .cluster
+        .get()
+        .and_then(|c| c.tokens().get(id).map(|t| t.used_in(now)))
+        .unwrap_or(0);
+    (used, now)
+}
+
+/// Takes one request from the token's rate limit and counts one against its quota, given
+/// the token's stored usage this month and the time.
+fn charge_token(state: &AppState, c: &Charge, (used, now_ms): (u64, u64)) -> Result<(), ApiError> {
     if let Some(rate) = c.rate_per_minute {
         state
             .auth
@@ -534,11 +546,11 @@ fn charge_token(state: &AppState, c: &Charge) -> Result<(), ApiError> {
             })?;
     }
     if let Some(quota) = c.monthly_quota {
-        if c.used + state.auth.pending_of(&c.id) >= quota {
+        if used + state.auth.pending_of(&c.id) >= quota {
             return Err(ApiError::RateLimited {
                 message: format!("over the token's monthly quota of {quota} requests"),
-                retry_after_s: next_month_start_ms(c.now_ms)
-                    .saturating_sub(c.now_ms)
+                retry_after_s: next_month_start_ms(now_ms)
+                    .saturating_sub(now_ms)
                     .div_ceil(1000),
             });
         }

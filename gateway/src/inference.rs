@@ -90,6 +90,8 @@ pub(crate) struct Queued {
     /// The request's tokens, for text models (0 otherwise).
     pub(crate) tokens: usize,
     parts: Vec<QueuedPart>,
+    /// The request's rows (the joined outputs must have as many).
+    rows: usize,
     deadline: tokio::time::Instant,
     timeout_ms: u64,
 }
@@ -179,7 +181,7 @@ pub(crate) fn submit_tensors(
 }
 
 /// Checks `inputs` against the replica's metadata and queues them on it. A request with
-/// more rows than one engine call takes ([`ReplicaShared::part_rows`]) is queued as parts
+/// more rows than one engine call takes ([`ReplicaShared::part_sizes`]) is queued as parts
 /// that the router places one by one; [`answer`] joins their outputs in order. A part
 /// that cannot be queued fails the request, and the parts queued before it are dropped
 /// unanswered (their caller is gone, so they never reach an engine).
@@ -200,25 +202,7 @@ fn enqueue(
         .map_err(InferError::InvalidInput)?;
 
     let tokens = replica.count_tokens(&inputs);
-    let part = replica.part_rows(rows, tokens);
-    let parts: Vec<(TensorMap, usize, usize)> = if part >= rows {
-        vec![(inputs, rows, tokens)]
-    } else {
-        let sizes: Vec<usize> = (0..rows)
-            .step_by(part)
-            .map(|start| part.min(rows - start))
-            .collect();
-        let maps = split_map(&inputs, &sizes).map_err(|e| {
-            ApiError::InferenceFailed(format!("cannot split a request of {rows} rows: {e}"))
-        })?;
-        maps.into_iter()
-            .zip(sizes)
-            .map(|(m, n)| {
-                let t = replica.count_tokens(&m);
-                (m, n, t)
-            })
-            .collect()
-    };
+    let parts = split_parts(&replica, inputs, rows, tokens)?;
     let now = Instant::now();
     let timeout = Duration::from_millis(timeout_ms);
     let mut queued = Vec::with_capacity(parts.len());
@@ -252,49 +236,146 @@ fn enqueue(
         replica: first,
         tokens,
         parts: queued,
+        rows,
         deadline: tokio::time::Instant::from_std(now + timeout),
         timeout_ms,
     })
 }
 
-/// Waits for a queued request's answer until its deadline. The answers of a request in
-/// parts are joined: outputs concatenated in row order, the longest queue wait, the
-/// engine time summed, the largest batch, and the replicas that served it (distinct, in
-/// order, comma-separated). The first part that fails fails the request; the parts not yet
-/// answered are dropped.
-pub(crate) async fn answer(q: Queued) -> Result<InferOutput, ApiError> {
-    let mut outs = Vec::with_capacity(q.parts.len());
-    for part in q.parts {
-        let out = match tokio::time::timeout_at(q.deadline, part.rx).await {
-            Ok(Ok(result)) => result.map_err(ApiError::from)?,
-            Ok(Err(_closed)) => {
-                return Err(ApiError::InferenceFailed(format!(
-                    "replica {} stopped before answering",
-                    part.replica.id
-                )))
-            }
-            Err(_elapsed) => {
-                return Err(InferError::Timeout {
-                    timeout_ms: q.timeout_ms,
-                }
-                .into())
-            }
-        };
-        outs.push(out);
+/// The inputs of a request as the parts it is queued in, each with its rows and tokens:
+/// the request itself when one engine call takes it ([`ReplicaShared::part_sizes`]). The
+/// parts must fit in one replica's queue (413 otherwise: they could never all be queued).
+/// Splitting and tokenizing a large text request runs off the async workers.
+fn split_parts(
+    replica: &ReplicaShared,
+    inputs: TensorMap,
+    rows: usize,
+    tokens: usize,
+) -> Result<Vec<(TensorMap, usize, usize)>, ApiError> {
+    // Each row's tokens, for a text request over max_batch_tokens only.
+    let row_tokens = || {
+        let ones = vec![1; rows];
+        let rows = split_map(&inputs, &ones).ok()?;
+        Some(cohort_cluster::blocking(|| {
+            rows.iter().map(|r| replica.count_tokens(r)).collect()
+        }))
+    };
+    let sizes = replica.part_sizes(rows, tokens, row_tokens);
+    if sizes.len() <= 1 {
+        return Ok(vec![(inputs, rows, tokens)]);
     }
-    join_parts(outs)
+    let capacity = replica.queue_capacity();
+    if sizes.len() > capacity {
+        return Err(ApiError::PayloadTooLarge {
+            message: format!(
+                "a request of {rows} rows is {} parts of at most {} rows (max_batch_size, \
+                 max_batch_tokens), more than a replica's queue holds ({capacity}); send fewer rows",
+                sizes.len(),
+                replica.max_rows()
+            ),
+            details: Some(json!({
+                "rows": rows,
+                "parts": sizes.len(),
+                "max_batch_size": replica.max_rows(),
+                "queue_capacity": capacity,
+            })),
+        });
+    }
+    let maps = split_map(&inputs, &sizes).map_err(|e| {
+        ApiError::InferenceFailed(format!("cannot split a request of {rows} rows: {e}"))
+    })?;
+    Ok(cohort_cluster::blocking(|| {
+        maps.into_iter()
+            .zip(sizes)
+            .map(|(m, n)| {
+                let t = replica.count_tokens(&m);
+                (m, n, t)
+            })
+            .collect()
+    }))
 }
 
-fn join_parts(mut outs: Vec<InferOutput>) -> Result<InferOutput, ApiError> {
+/// Waits for a queued request's answer until its deadline. The parts of a request are
+/// awaited together: the first that fails fails the request at once, and the parts not
+/// yet answered are dropped (still queued, they never reach an engine). Their answers are
+/// joined: outputs concatenated in row order, the longest queue wait, the engine time
+/// summed, the largest batch, and the replicas that served it (distinct, in order,
+/// comma-separated).
+pub(crate) async fn answer(q: Queued) -> Result<InferOutput, ApiError> {
+    let mut parts: Vec<(Arc<ReplicaShared>, Option<_>)> = q
+        .parts
+        .into_iter()
+        .map(|p| (p.replica, Some(p.rx)))
+        .collect();
+    let mut outs: Vec<Option<InferOutput>> = parts.iter().map(|_| None).collect();
+    let all = std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for ((replica, slot), out) in parts.iter_mut().zip(outs.iter_mut()) {
+            let Some(rx) = slot.as_mut() else { continue };
+            match std::future::Future::poll(std::pin::Pin::new(rx), cx) {
+                std::task::Poll::Pending => waiting = true,
+                std::task::Poll::Ready(Ok(Ok(answer))) => {
+                    *out = Some(answer);
+                    *slot = None;
+                }
+                std::task::Poll::Ready(Ok(Err(e))) => {
+                    return std::task::Poll::Ready(Err(ApiError::from(e)))
+                }
+                std::task::Poll::Ready(Err(_closed)) => {
+                    return std::task::Poll::Ready(Err(ApiError::InferenceFailed(format!(
+                        "replica {} stopped before answering",
+                        replica.id
+                    ))))
+                }
+            }
+        }
+        if waiting {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Ok(()))
+        }
+    });
+    match tokio::time::timeout_at(q.deadline, all).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_elapsed) => {
+            return Err(InferError::Timeout {
+                timeout_ms: q.timeout_ms,
+            }
+            .into())
+        }
+    }
+    let outs = outs
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ApiError::InferenceFailed("a part of the request has no answer".into()))?;
+    join_parts(outs, q.rows)
+}
+
+/// Joins the answers of a request's parts (see [`answer`]). Every part must give the same
+/// outputs, and each joined output the request's `rows`.
+fn join_parts(mut outs: Vec<InferOutput>, rows: usize) -> Result<InferOutput, ApiError> {
     if outs.len() == 1 {
         if let Some(out) = outs.pop() {
             return Ok(out);
         }
     }
+    let failed = |why: String| {
+        ApiError::InferenceFailed(format!("cannot join the parts of a request: {why}"))
+    };
     let maps: Vec<&TensorMap> = outs.iter().map(|o| &o.outputs).collect();
-    let outputs = concat_maps(&maps).map_err(|e| {
-        ApiError::InferenceFailed(format!("cannot join the parts of a request: {e}"))
-    })?;
+    if let Some(first) = maps.first() {
+        if maps.iter().any(|m| !m.keys().eq(first.keys())) {
+            return Err(failed("the parts gave different outputs".into()));
+        }
+    }
+    let outputs = concat_maps(&maps).map_err(|e| failed(e.to_string()))?;
+    if let Some((name, t)) = outputs.iter().find(|(_, t)| t.shape.first() != Some(&rows)) {
+        return Err(failed(format!(
+            "output {name:?} has shape {:?}, not {rows} rows",
+            t.shape
+        )));
+    }
     let mut replicas: Vec<&str> = Vec::new();
     for o in &outs {
         if !replicas.contains(&o.replica.as_str()) {
@@ -561,6 +642,65 @@ mod tests {
                 .unwrap();
         assert_eq!(b.priority.as_deref(), Some("low"));
         assert_eq!(b.timeout_ms, Some(10));
+    }
+
+    fn out(replica: &str, rows: &[f32], extra: Option<&str>) -> InferOutput {
+        let mut outputs = TensorMap::new();
+        let t = |v: &[f32]| {
+            cohort_engines::Tensor::new(
+                vec![v.len(), 1],
+                cohort_engines::TensorData::F32(v.to_vec()),
+            )
+            .unwrap()
+        };
+        outputs.insert("y".into(), t(rows));
+        if let Some(name) = extra {
+            outputs.insert(name.into(), t(rows));
+        }
+        InferOutput {
+            outputs,
+            replica: replica.into(),
+            queue_us: rows.len() as u64,
+            compute_us: 10,
+            batch_size: rows.len(),
+        }
+    }
+
+    #[test]
+    fn parts_join_in_row_order() {
+        let joined = join_parts(
+            vec![
+                out("m-0", &[1.0, 2.0], None),
+                out("m-1", &[3.0, 4.0], None),
+                out("m-0", &[5.0], None),
+            ],
+            5,
+        )
+        .unwrap();
+        assert_eq!(
+            joined.outputs["y"].data,
+            cohort_engines::TensorData::F32(vec![1.0, 2.0, 3.0, 4.0, 5.0])
+        );
+        assert_eq!(joined.replica, "m-0,m-1");
+        assert_eq!(
+            (joined.queue_us, joined.compute_us, joined.batch_size),
+            (2, 30, 2)
+        );
+    }
+
+    #[test]
+    fn parts_that_do_not_add_up_are_an_error_not_a_short_answer() {
+        // A part without an output the others have.
+        let e = join_parts(
+            vec![out("m-0", &[1.0], Some("z")), out("m-0", &[2.0], None)],
+            2,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("different outputs"), "{e}");
+        // Rows that do not add up to the request's.
+        let e =
+            join_parts(vec![out("m-0", &[1.0], None), out("m-0", &[2.0], None)], 3).unwrap_err();
+        assert!(e.to_string().contains("not 3 rows"), "{e}");
     }
 
     #[test]

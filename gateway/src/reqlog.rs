@@ -753,12 +753,10 @@ pub async fn after_server_stopped(ctx: &Arc<NodeContext>, log: Arc<RequestLog>) 
         let entry = if ours { logs.remove(&log.path) } else { None };
         drop(logs);
         drop(entry);
-        // Normally the last handle: wait for the writer to end (the database closes with
-        // it). Otherwise (a connection outlived the drain) the last handle's drop stops
-        // the writer, which writes what is queued first.
-        if let Some(log) = Arc::into_inner(log) {
-            log.close();
-        }
+        // Wait for the writer to write what is queued and end, even when a connection that
+        // outlived the drain still holds a handle (its later records are not written): the
+        // process may exit right after this, and a detached writer would be killed.
+        log.close();
     })
     .await;
     if let Err(e) = closed {

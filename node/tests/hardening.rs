@@ -449,14 +449,20 @@ async fn cors_star_allows_any_origin() {
 /// instead of being held for as long as the client keeps the connection open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_its_answer_is_disconnected() {
+    // An answer far larger than what the kernel may buffer between the two sockets: the
+    // server's send buffer grows up to tcp_wmem's maximum (4 MiB by default); the client's
+    // receive buffer is made small.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let answer_bytes = (2 * wmem_max).clamp(8 << 20, 64 << 20);
     let n = start_with(vec![], |cfg| {
         cfg.http.write_timeout_ms = 300;
-        cfg.limits.max_body_bytes = 32 * 1024 * 1024;
+        cfg.limits.max_body_bytes = answer_bytes + (1 << 20);
     })
     .await;
-    // An answer far larger than what the kernel buffers between the two sockets (a few
-    // MB on loopback, less with the client's small receive buffer).
-    let row = vec!["0.5"; 2_000_000].join(",");
+    let row = vec!["0.5"; answer_bytes / 4].join(",");
     let body = format!(r#"{{"inputs": {{"x": [[{row}]]}}}}"#);
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket

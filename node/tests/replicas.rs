@@ -588,3 +588,39 @@ async fn a_request_larger_than_a_batch_is_served_in_parts() {
     );
     n.node.shutdown().await;
 }
+
+/// A request in more parts than a replica's queue holds could never be queued whole: 413,
+/// and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_more_parts_than_a_queue_holds_is_413() {
+    let mut e = ModelConfig::new("one-row", EngineKind::Echo);
+    e.batching.max_batch_size = 1;
+    let n = start_with(vec![e], |cfg| cfg.limits.queue_capacity = 4).await;
+    let rows: Vec<Vec<f32>> = (0..10).map(|i| vec![i as f32]).collect();
+    let (status, _, body) = n
+        .post(
+            "/api/v1/models/one-row/infer",
+            &json!({"inputs": {"x": rows}}),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "PAYLOAD_TOO_LARGE", "{body}");
+    assert_eq!(body["error"]["details"]["parts"], 10, "{body}");
+    assert_eq!(body["error"]["details"]["queue_capacity"], 4, "{body}");
+    // Four rows fit (four parts of one row).
+    let (status, _, body) = n
+        .post(
+            "/api/v1/models/one-row/infer",
+            &json!({"inputs": {"x": [[1.0], [2.0], [3.0], [4.0]]}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"]["y"], json!([[1.0], [2.0], [3.0], [4.0]]));
+    let served: u64 = replicas_of(&n, "one-row")
+        .await
+        .iter()
+        .map(|r| r["served"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(served, 4, "the refused request queued nothing");
+    n.node.shutdown().await;
+}
