@@ -41,26 +41,14 @@ async fn start_node(dir: &tempfile::TempDir) -> (cohort_actors::Node, String) {
 async fn start() -> Authed {
     let dir = tempfile::tempdir().expect("temp dir");
     let (node, url) = start_node(&dir).await;
+    let admin = common::wait_admin_token(dir.path()).await;
     let file = dir.path().join("admin-token");
-    let f = file.clone();
-    assert!(
-        eventually(Duration::from_secs(20), || {
-            let f = f.clone();
-            async move { f.exists() }
-        })
-        .await,
-        "the first admin token is written"
-    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&file).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the admin token file is private");
     }
-    let admin = std::fs::read_to_string(&file)
-        .expect("read")
-        .trim()
-        .to_string();
     Authed {
         node: Some(node),
         url,

@@ -207,20 +207,7 @@ async fn unauthenticated_requests_take_the_sample_rate() {
         cfg.auth.mode = cohort_config::AuthMode::On;
     })
     .await;
-    let file = n.dir.path().join("admin-token");
-    let f = file.clone();
-    assert!(
-        eventually(Duration::from_secs(20), || {
-            let f = f.clone();
-            async move { f.exists() }
-        })
-        .await,
-        "the first admin token is written"
-    );
-    let admin = std::fs::read_to_string(&file)
-        .expect("read")
-        .trim()
-        .to_string();
+    let admin = wait_admin_token(n.dir.path()).await;
     for token in [None, Some("not-a-token")] {
         for _ in 0..10 {
             let mut req = n

@@ -227,6 +227,25 @@ where
     }
 }
 
+/// Waits (at most 20 s) for the first admin token a node writes to
+/// `<data_dir>/admin-token`, and returns it.
+pub async fn wait_admin_token(data_dir: &std::path::Path) -> String {
+    let file = data_dir.join("admin-token");
+    let f = file.clone();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let f = f.clone();
+            async move { f.exists() }
+        })
+        .await,
+        "the first admin token is written"
+    );
+    std::fs::read_to_string(&file)
+        .expect("read")
+        .trim()
+        .to_string()
+}
+
 /// The workspace's root directory.
 pub fn workspace() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
