@@ -252,13 +252,16 @@ fn split_parts(
     rows: usize,
     tokens: usize,
 ) -> Result<Vec<(TensorMap, usize, usize)>, ApiError> {
-    // Each row's tokens, for a text request over max_batch_tokens only.
+    // Each row's tokens, for a text request over max_batch_tokens only; kept, so that the
+    // parts' counts are sums rather than a second tokenization.
+    let mut counted: Option<Vec<usize>> = None;
     let row_tokens = || {
         let ones = vec![1; rows];
         let rows = split_map(&inputs, &ones).ok()?;
-        Some(cohort_cluster::blocking(|| {
-            rows.iter().map(|r| replica.count_tokens(r)).collect()
-        }))
+        let each: Vec<usize> =
+            cohort_cluster::blocking(|| rows.iter().map(|r| replica.count_tokens(r)).collect());
+        counted = Some(each.clone());
+        Some(each)
     };
     let sizes = replica.part_sizes(rows, tokens, row_tokens);
     if sizes.len() <= 1 {
@@ -284,11 +287,16 @@ fn split_parts(
     let maps = split_map(&inputs, &sizes).map_err(|e| {
         ApiError::InferenceFailed(format!("cannot split a request of {rows} rows: {e}"))
     })?;
+    let mut first_row = 0;
     Ok(cohort_cluster::blocking(|| {
         maps.into_iter()
             .zip(sizes)
             .map(|(m, n)| {
-                let t = replica.count_tokens(&m);
+                let t = match &counted {
+                    Some(each) => each.iter().skip(first_row).take(n).sum(),
+                    None => replica.count_tokens(&m),
+                };
+                first_row += n;
                 (m, n, t)
             })
             .collect()

@@ -16,6 +16,15 @@ async fn replicas_of(n: &TestNode, model: &str) -> Vec<Value> {
     m["replicas"].as_array().cloned().unwrap_or_default()
 }
 
+/// Requests served by all of `model`'s replicas.
+async fn served(n: &TestNode, model: &str) -> u64 {
+    replicas_of(n, model)
+        .await
+        .iter()
+        .map(|r| r["served"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// Sends requests to `model` in a loop until `stop` is set; returns (ok, failures).
 fn load_loop(
     n: &TestNode,
@@ -568,12 +577,7 @@ async fn a_request_larger_than_a_batch_is_served_in_parts() {
         "{body}"
     );
     // 10 rows at most 4 per engine call: 3 parts (4 + 4 + 2), served as 3 requests.
-    let served: u64 = replicas_of(&n, "small-batches")
-        .await
-        .iter()
-        .map(|r| r["served"].as_u64().unwrap_or(0))
-        .sum();
-    assert_eq!(served, 3);
+    assert_eq!(served(&n, "small-batches").await, 3);
     // A request that fits is one part.
     let (status, _, body) = n
         .post(
@@ -616,11 +620,10 @@ async fn a_request_in_more_parts_than_a_queue_holds_is_413() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["outputs"]["y"], json!([[1.0], [2.0], [3.0], [4.0]]));
-    let served: u64 = replicas_of(&n, "one-row")
-        .await
-        .iter()
-        .map(|r| r["served"].as_u64().unwrap_or(0))
-        .sum();
-    assert_eq!(served, 4, "the refused request queued nothing");
+    assert_eq!(
+        served(&n, "one-row").await,
+        4,
+        "the refused request queued nothing"
+    );
     n.node.shutdown().await;
 }
